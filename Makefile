@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean peers
 
 $(STAMP): pyproject.toml scripts/fetch_test_assets.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -30,3 +30,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# The llama.cpp peer for benchmarks and fixture recording (compiles llama.cpp once; pip caches the wheel).
+peers: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(VPY) -m pip install -q '.[peers]'
