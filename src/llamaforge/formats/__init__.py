@@ -1,0 +1,1 @@
+"""Weight formats: GGUF, Hugging Face safetensors directories, Meta checkpoints; `load.load_model` sniffs them."""
