@@ -1,0 +1,432 @@
+"""The continuous-batching generation core.
+
+`BatchEngine` owns one preallocated KV cache with `max_batch` rows. Requests wait in a queue, get a free row,
+are prefilled in chunks (so a long prompt delays the others by at most one chunk per step), then decode together:
+every `step()` feeds the last sampled token of every active row in one batched forward with per-row positions.
+One thread drives the engine (`step()`); `add()` and `cancel()` may be called from other threads.
+
+Text comes out as deltas that never split a UTF-8 character and never leak a stop string: text that could still
+be the beginning of a stop string is held back until it is clearly not one.
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import torch
+
+from ..errors import ContextLengthError, InvalidRequestError
+from .sampling import LogitsProcessor, Sampler, SamplingParams
+
+DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class TokenEvent(NamedTuple):
+    """One generated token.
+
+    id: the token id. text: the text delta to show after this token ("" while text is held back or for
+    control tokens). logprob: the token's log-probability under the model (before sampling filters).
+    top_logprobs: [(id, logprob), ...] most likely first when `SamplingParams.logprobs` is set, else None.
+    finish_reason: None while generating; "stop" (a stop id or string) or "length" (max_tokens or the context
+    window) on the request's last event. A stop token's own event has finish_reason "stop" and is not part
+    of the completion's token_ids.
+    """
+
+    id: int
+    text: str
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None
+    finish_reason: str | None
+
+
+def context_length(lm) -> int:
+    """The model's context window: GGUF/HF metadata if present, else the config's max_position_embeddings."""
+    n = (getattr(lm, "metadata", None) or {}).get("context_length")
+    try:
+        n = int(n)
+    except (TypeError, ValueError):
+        n = 0
+    return n if n > 0 else int(lm.config.max_position_embeddings)
+
+
+@dataclass(eq=False)
+class Request:
+    """A generation request inside a `BatchEngine`. Read its fields; do not modify them.
+
+    `output_ids` are the generated tokens (stop tokens excluded), `text` the text emitted so far,
+    `completion_tokens` every token sampled (a final stop token included), `finish_reason` once `done`.
+    `user_data` is free for the caller (the server keeps its stream handle there).
+    """
+
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    stop_ids: frozenset[int]
+    user_data: Any = None
+    state: str = "queued"            # queued -> prefill -> decode -> done
+    row: int | None = None
+    pos: int = 0                     # tokens already written to the cache
+    output_ids: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: bool = False
+    t_added: float = field(default_factory=time.perf_counter)
+    t_prefill_start: float | None = None
+    t_first_token: float | None = None
+    t_done: float | None = None
+    _next_token: int | None = None   # sampled, not yet fed to the model
+    _all_ids: list[int] = field(default_factory=list)
+    _text: Any = None                # _TextState
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    @property
+    def prompt_seconds(self) -> float:
+        """Wall time from the start of prefill to the first token (0 until then)."""
+        if self.t_prefill_start is None or self.t_first_token is None:
+            return 0.0
+        return self.t_first_token - self.t_prefill_start
+
+    @property
+    def decode_seconds(self) -> float:
+        """Wall time from the first token to the last (0 until done)."""
+        if self.t_first_token is None or self.t_done is None:
+            return 0.0
+        return self.t_done - self.t_first_token
+
+
+class _TextState:
+    """Incremental detokenisation plus stop-string hold-back for one request."""
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], stops: Sequence[str]):
+        self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        if self.decoder is not None:
+            # Prime with the prompt: the first generated token continues the prompt's text (SentencePiece
+            # models must keep its leading space), and a character split across the boundary decodes whole.
+            for i in prompt_ids:
+                self.decoder.feed(i)
+        self.stops = tuple(stops)
+        self.pending = ""
+
+    def feed(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (text safe to emit, hit_stop_string)."""
+        if self.decoder is None:
+            return "", False
+        self.pending += self.decoder.feed(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> tuple[str, bool]:
+        """Generation ended: release everything still held (up to a stop string, if one completes now)."""
+        if self.decoder is not None:
+            self.pending += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        text = self.pending
+        if not self.stops:
+            self.pending = ""
+            return text, False
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.pending = ""
+            return text[:cut], True
+        if final:
+            self.pending = ""
+            return text, False
+        hold = _held_suffix(text, self.stops)
+        self.pending = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold], False
+
+
+def _held_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class BatchEngine:
+    """Continuous batching over one KV cache.
+
+        engine = BatchEngine(lm, max_batch=4, max_seq_len=4096)
+        req = engine.add(prompt_ids, SamplingParams(max_tokens=32, temperature=0))
+        while engine.has_work():
+            for r, event in engine.step():
+                print(event.text, end="")
+
+    lm: a `LoadedModel` (config, model, tokenizer). max_seq_len: tokens per row = the context window requests
+    get here (default: the model's context, at most 4096; the cache costs 2 * layers * kv_heads * head_dim *
+    max_batch * max_seq_len values). prefill_chunk: prompt tokens processed per step.
+    """
+
+    def __init__(self, lm, max_batch: int = 4, max_seq_len: int | None = None, *,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if max_seq_len is None:
+            max_seq_len = min(context_length(lm), DEFAULT_MAX_SEQ_LEN)
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be >= 1")
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.vocab_size = int(lm.config.vocab_size)
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.device = next(self.model.parameters()).device
+        self.cache = self.model.new_cache(max_batch, max_seq_len)
+        self._rows: list[Request | None] = [None] * max_batch
+        self._queue: list[Request] = []
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stepping = False
+        base = getattr(self.tokenizer, "stop_ids", None) if self.tokenizer is not None else None
+        self._tokenizer_stop_ids = frozenset(base or ())
+
+    # -- queue management -------------------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return self.max_seq_len
+
+    @property
+    def active(self) -> int:
+        """Requests holding a cache row (prefilling or decoding)."""
+        return sum(r is not None for r in self._rows)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a free row."""
+        return len(self._queue)
+
+    def has_work(self) -> bool:
+        return bool(self._queue) or any(r is not None for r in self._rows)
+
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+            logits_processors: Iterable[LogitsProcessor] | None = None, *, user_data: Any = None) -> Request:
+        """Queue a request. Raises InvalidRequestError for bad params or token ids, ContextLengthError
+        (with both counts) when the prompt leaves no room to generate in this engine's context window."""
+        params = (params or SamplingParams()).validate()
+        ids = _check_prompt(prompt_ids, self.vocab_size)
+        for i in params.stop_ids:
+            if i >= self.vocab_size:
+                raise InvalidRequestError(f"stop id {i} is outside the vocabulary (size {self.vocab_size})",
+                                          field="stop_ids")
+        if len(ids) >= self.max_seq_len:
+            raise ContextLengthError(len(ids), self.max_seq_len)
+        stop_ids = frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else self._tokenizer_stop_ids)
+        req = Request(id=next(self._ids), prompt_ids=ids, params=params,
+                      sampler=Sampler(params, logits_processors), stop_ids=stop_ids, user_data=user_data)
+        req._all_ids = list(ids)
+        req._text = _TextState(self.tokenizer, ids, params.stop)
+        with self._lock:
+            self._queue.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request. Its row is free before the next step; it produces no further events."""
+        with self._lock:
+            if req.done:
+                return
+            req.cancelled = True
+            if req in self._queue:
+                self._queue.remove(req)
+                self._finish(req, None)
+            elif not self._stepping:
+                self._release_row(req)
+                self._finish(req, None)
+
+    def _release_row(self, req: Request) -> None:
+        if req.row is not None and self._rows[req.row] is req:
+            self._rows[req.row] = None
+            self.cache.reset(req.row)
+        req.row = None
+
+    def _finish(self, req: Request, reason: str | None) -> None:
+        req.state = "done"
+        req.finish_reason = reason
+        req.t_done = time.perf_counter()
+        self._release_row(req)
+
+    def _admit(self) -> None:
+        with self._lock:
+            for row in range(self.max_batch):
+                if not self._queue:
+                    break
+                if self._rows[row] is None:
+                    req = self._queue.pop(0)
+                    req.row, req.state, req.pos = row, "prefill", 0
+                    self.cache.lengths[row] = 0
+                    self._rows[row] = req
+
+    def _reap_cancelled(self) -> None:
+        with self._lock:
+            for req in self._rows:
+                if req is not None and req.cancelled:
+                    self._finish(req, None)
+
+    # -- the step ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, TokenEvent]]:
+        """Prefill newcomers (one chunk budget per step) and decode one token for every active row.
+
+        Returns the events produced, in row order. A request's last event carries its finish_reason.
+        """
+        self._reap_cancelled()
+        self._admit()
+        with self._lock:
+            self._stepping = True
+        try:
+            events: list[tuple[Request, TokenEvent]] = []
+            decoding = [r for r in self._rows if r is not None and r.state == "decode"]
+            self._prefill(events)
+            if decoding:
+                self._decode(decoding, events)
+        finally:
+            with self._lock:
+                self._stepping = False
+        self._reap_cancelled()
+        return [(r, e) for r, e in events if not r.cancelled]
+
+    def _prefill(self, events: list) -> None:
+        budget = self.prefill_chunk
+        for req in sorted((r for r in self._rows if r is not None and r.state == "prefill"), key=lambda r: r.id):
+            if budget <= 0:
+                break
+            if req.t_prefill_start is None:
+                req.t_prefill_start = time.perf_counter()
+            n = min(budget, len(req.prompt_ids) - req.pos)
+            chunk = torch.tensor([req.prompt_ids[req.pos:req.pos + n]], dtype=torch.long, device=self.device)
+            rows = None if req.row == 0 else torch.tensor([req.row], device=self.device)
+            logits = self.model(chunk, cache=self.cache, input_pos=req.pos, rows=rows, last_only=True)
+            req.pos += n
+            self.cache.lengths[req.row] = req.pos
+            budget -= n
+            if req.pos == len(req.prompt_ids):
+                req.state = "decode"
+                req.t_first_token = time.perf_counter()
+                self._emit(req, logits[0, -1], events)
+
+    def _decode(self, batch: list[Request], events: list) -> None:
+        batch = [r for r in batch if not r.cancelled and r.state == "decode"]
+        if not batch:
+            return
+        batch.sort(key=lambda r: r.row)
+        ids = torch.tensor([[r._next_token] for r in batch], dtype=torch.long, device=self.device)
+        pos = torch.tensor([r.pos for r in batch], dtype=torch.long, device=self.device)
+        row_list = [r.row for r in batch]
+        # Rows 0..B-1 in order let the cache hand out views instead of gathered copies.
+        rows = None if row_list == list(range(len(batch))) else torch.tensor(row_list, device=self.device)
+        logits = self.model(ids, cache=self.cache, input_pos=pos, rows=rows, last_only=True)  # [B, 1, V]
+        for i, req in enumerate(batch):
+            req.pos += 1
+            self.cache.lengths[req.row] = req.pos
+            self._emit(req, logits[i, -1], events)
+
+    def _emit(self, req: Request, logits: torch.Tensor, events: list) -> None:
+        """Sample the next token for `req` and turn it into an event (finishing the request if it ends)."""
+        s = req.sampler(logits, req._all_ids)
+        req.completion_tokens += 1
+        tok = s.id
+        if tok in req.stop_ids:
+            text, _ = req._text.finish()
+            self._done_event(req, tok, s, text, "stop", events)
+            return
+        req.output_ids.append(tok)
+        req._all_ids.append(tok)
+        text, hit = req._text.feed(tok)
+        if hit:
+            self._done_event(req, tok, s, text, "stop", events)
+            return
+        # The sampled token would be fed at position req.pos; it must still fit in the row.
+        if req.completion_tokens >= req.params.max_tokens or req.pos + 1 >= self.max_seq_len:
+            rest, hit = req._text.finish()
+            self._done_event(req, tok, s, text + rest, "stop" if hit else "length", events)
+            return
+        req._next_token = tok
+        req.text += text
+        events.append((req, TokenEvent(tok, text, s.logprob, s.top_logprobs, None)))
+
+    def _done_event(self, req, tok, s, text, reason, events) -> None:
+        req.text += text
+        with self._lock:
+            self._finish(req, reason)
+        events.append((req, TokenEvent(tok, text, s.logprob, s.top_logprobs, reason)))
+
+
+def _raise_type():
+    raise TypeError
+
+
+def _check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> list[int]:
+    if isinstance(prompt_ids, (str, bytes)):
+        raise InvalidRequestError("prompt token ids must be a sequence of integers", field="prompt")
+    try:
+        ids = [operator.index(i) for i in prompt_ids if not isinstance(i, bool) or _raise_type()]
+    except TypeError:
+        raise InvalidRequestError("prompt token ids must be integers", field="prompt") from None
+    if not ids:
+        raise InvalidRequestError("the prompt is empty", field="prompt")
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary (size {vocab_size})", field="prompt")
+    return ids
+
+
+@torch.inference_mode()
+def prompt_logprobs(lm, prompt_ids: Sequence[int], top_n: int = 0, *, chunk: int = DEFAULT_PREFILL_CHUNK
+                    ) -> list[tuple[float | None, list[tuple[int, float]] | None]]:
+    """Log-probability of every prompt token given the ones before it (for OpenAI `echo` + `logprobs`,
+    perplexity and multiple-choice scoring).
+
+    Returns one (logprob, top) pair per prompt token; the first token has (None, None). `top` lists the
+    `top_n` most likely tokens at that position as (id, logprob), or None when top_n is 0.
+    """
+    ids = _check_prompt(prompt_ids, int(lm.config.vocab_size))
+    ctx = context_length(lm)
+    if len(ids) > ctx:
+        raise ContextLengthError(len(ids), ctx)
+    if not 0 <= int(top_n) <= 20:
+        raise InvalidRequestError(f"logprobs must be between 0 and 20, got {top_n}", field="logprobs")
+    model = lm.model
+    device = next(model.parameters()).device
+    cache = model.new_cache(1, len(ids))
+    out: list[tuple[float | None, list[tuple[int, float]] | None]] = [(None, None)]
+    for start in range(0, len(ids), chunk):
+        piece = ids[start:start + chunk]
+        logits = model(torch.tensor([piece], device=device), cache=cache, input_pos=start)[0]  # [T, V]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        targets = ids[start + 1:start + 1 + len(piece)]
+        chosen = lp[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)] if targets else None
+        if top_n:
+            tv, ti = torch.topk(lp[:len(targets)], int(top_n), dim=-1)
+        for j in range(len(targets)):
+            top = [(int(a), float(b)) for a, b in zip(ti[j].tolist(), tv[j].tolist())] if top_n else None
+            out.append((float(chosen[j]), top))
+    return out

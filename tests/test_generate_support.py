@@ -1,0 +1,41 @@
+"""Shared helpers (no tests here): a tiny random model wrapped as a LoadedModel and a byte-level tokenizer."""
+from __future__ import annotations
+
+import torch
+
+from llamaforge.api import LoadedModel
+from llamaforge.config import ModelConfig
+from llamaforge.model import Llama
+from llamaforge.tokenizer.base import Tokenizer
+
+BOS, EOS, EOT = 256, 257, 258
+
+
+class ByteTokenizer(Tokenizer):
+    """One token per UTF-8 byte plus three control tokens: enough to test text handling exactly."""
+
+    vocab_size = 260
+    bos_id, eos_id = BOS, EOS
+    add_bos = True
+    eot_ids = frozenset({EOT})
+
+    def __init__(self):
+        self.special_tokens = {"<s>": BOS, "</s>": EOS, "<eot>": EOT}
+
+    def encode(self, text, *, add_special=False, allow_special=False):
+        ids = list(text.encode("utf-8", errors="replace"))
+        return ([BOS] if add_special and self.add_bos else []) + ids
+
+    def token_bytes(self, token_id):
+        return bytes([token_id]) if token_id < 256 else b""
+
+
+def tiny_lm(variant: str = "llama31", seed: int = 0, tokenizer=None, context: int = 512) -> LoadedModel:
+    from conftest import make_tiny_hf
+    hf = make_tiny_hf(variant, vocab_size=260, seed=seed)
+    cfg = ModelConfig.from_hf_config({**hf.config.to_dict(), "max_position_embeddings": context})
+    model = Llama(cfg)
+    model.load_state_dict(hf.state_dict(), strict=False)
+    model.tie_weights()
+    model.eval()
+    return LoadedModel(config=cfg, model=model, tokenizer=tokenizer or ByteTokenizer(), name="tiny")
