@@ -204,9 +204,10 @@ class ModelConfig:
             scaling = RopeScaling(
                 "llama3",
                 factor=float(params.get("rope_scaling_factor") or 8.0),
-                low_freq_factor=1.0,
+                low_freq_factor=float(params.get("rope_low_freq_factor") or 1.0),
                 high_freq_factor=float(params.get("rope_high_freq_factor") or 4.0),
-                original_max_position_embeddings=8192,
+                # Meta's code fixes 8192; the optional key lets our own writer round-trip other values.
+                original_max_position_embeddings=int(params.get("rope_original_max_position_embeddings") or 8192),
             )
         return cls(
             vocab_size=int(vs),

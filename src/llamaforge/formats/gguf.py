@@ -400,7 +400,8 @@ def gguf_config(gf: GGUFFile):
         raise ModelFormatError(gf.path, f"llama.vocab_size is {meta['llama.vocab_size']} but token_embd.weight "
                                         f"has {emb.shape[0]} rows")
     tied = "output.weight" not in gf.tensors
-    return cfg.replace(tie_word_embeddings=tied)
+    return cfg.replace(tie_word_embeddings=tied, attention_bias="blk.0.attn_q.bias" in gf.tensors,
+                       mlp_bias="blk.0.ffn_gate.bias" in gf.tensors)
 
 
 def iter_gguf_state_dict(gf: GGUFFile, config, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:

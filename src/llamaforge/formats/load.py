@@ -1,0 +1,176 @@
+"""`load_model(path)`: sniff the format, build the model on the meta device, assign the real tensors.
+
+Formats: a GGUF file (magic bytes), a Hugging Face directory (`config.json` + safetensors), a Meta directory
+(`params.json` + `consolidated.*.pth`). Building on `meta` and `load_state_dict(assign=True)` means the only
+full copy of the weights in memory is the one the loader produced (gpt-fast does the same).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..api import LoadedModel
+from ..config import ModelConfig
+from ..errors import InvalidRequestError, ModelFormatError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+}
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# Tensors some checkpoints carry that hold no weights (old HF Llama exports saved the rotary table).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """None -> float32; a torch dtype or a name among float32 / bfloat16 / float16 (and short spellings)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPE_NAMES:
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise InvalidRequestError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16", field="dtype")
+
+
+def detect_format(path: Path) -> str:
+    """"gguf", "hf" or "meta"; ModelFormatError if `path` is none of them."""
+    from .gguf import is_gguf
+    if not path.exists():
+        raise ModelFormatError(path, "no such file or directory")
+    if path.is_file():
+        if is_gguf(path):
+            return "gguf"
+        raise ModelFormatError(path, "not a GGUF file (bad magic) and not a model directory")
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / "params.json").is_file():
+        return "meta"
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf-dir"
+    raise ModelFormatError(path, "not a model directory: expected config.json (Hugging Face), params.json (Meta) "
+                                 "or a single .gguf file")
+
+
+def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], path, *,
+                device="cpu") -> torch.nn.Module:
+    """Llama(config) with `state_dict` assigned in place, after checking every name and shape."""
+    from ..model import Llama
+    with torch.device("meta"):
+        model = Llama(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    sd = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        sd.pop("lm_head.weight", None)  # a tied copy some exporters write; the embedding is the one used
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelFormatError(path, f"missing tensor {missing[0]!r}, expected shape {list(expected[missing[0]])}"
+                                     f"{more}")
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise ModelFormatError(path, f"unexpected tensor {unexpected[0]!r} with shape "
+                                     f"{list(sd[unexpected[0]].shape)} for this architecture")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise ModelFormatError(path, f"tensor {k!r} has shape {list(sd[k].shape)}, expected {list(shape)}")
+    model.load_state_dict(sd, assign=True, strict=False)  # names checked above; tied lm_head absent
+    model.tie_weights()
+    model.eval()
+    return model.to(device)
+
+
+def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedModel:
+    """Load a GGUF file, HF directory or Meta directory as a `LoadedModel` (see module docstring).
+
+    dtype: float32 (default), bfloat16 or float16 for the weights and activations.
+    quant: optional in-memory weight format handed to `llamaforge.model.quant.quantize_model`.
+    """
+    if kw:
+        raise TypeError(f"load_model() got unexpected keyword arguments: {', '.join(sorted(kw))}")
+    path = Path(path)
+    dt = resolve_dtype(dtype)
+    fmt = detect_format(path)
+    if fmt == "gguf-dir":
+        path, fmt = sorted(path.glob("*.gguf"))[0], "gguf"
+    gguf_file = None
+    if fmt == "gguf":
+        from .gguf import file_type_name, gguf_config, iter_gguf_state_dict, read_gguf
+        gguf_file = read_gguf(path)
+        config = gguf_config(gguf_file)
+        sd = dict(iter_gguf_state_dict(gguf_file, config, dt))
+        meta = gguf_file.metadata
+        metadata = {
+            "format": "gguf", "file_type": file_type_name(gguf_file), "license": meta.get("general.license"),
+            "chat_template": meta.get("tokenizer.chat_template"), "gguf_version": gguf_file.version,
+        }
+        tokenizer = _gguf_tokenizer(meta, path)
+    elif fmt == "hf":
+        from .safetensors import load_hf
+        config, sd, metadata = load_hf(path, dt)
+        tokenizer = _dir_tokenizer(path)
+    else:
+        from .meta import load_meta
+        config, sd, metadata = load_meta(path, dt)
+        tokenizer = _dir_tokenizer(path)
+    metadata.update(context_length=config.max_position_embeddings, architecture="llama", name=config.name)
+    metadata.setdefault("license", None)
+    metadata.setdefault("chat_template", None)
+    if tokenizer is not None and metadata.get("chat_template") is None:
+        metadata["chat_template"] = getattr(tokenizer, "chat_template", None)
+    model = build_model(config, sd, path, device=device)
+    del sd
+    if quant is not None:
+        model = _quantize(model, quant, gguf_file)
+        metadata["quant"] = quant
+    return LoadedModel(config=config, model=model, tokenizer=tokenizer, path=path, metadata=metadata)
+
+
+def _gguf_tokenizer(meta: dict, path: Path):
+    try:
+        from ..tokenizer import load as tl
+    except ImportError:  # tokenizer package not available in this build
+        return None
+    fn = getattr(tl, "tokenizer_from_gguf_metadata", None) or getattr(tl, "tokenizer_from_gguf_fields", None)
+    if fn is None:
+        return None
+    if "tokenizer.ggml.model" not in meta:
+        return None  # a weights-only GGUF (e.g. a test model) has no vocabulary
+    try:
+        return fn(meta, path)
+    except TypeError:
+        return fn(meta)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def _dir_tokenizer(path: Path):
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    try:
+        from ..tokenizer.load import load_tokenizer
+    except ImportError:
+        return None
+    return load_tokenizer(path)
+
+
+def _quantize(model, quant, gguf_file):
+    try:
+        from ..model.quant import quantize_model
+    except ImportError:
+        warnings.warn(f"quant={quant!r} ignored: llamaforge.model.quant is not available", stacklevel=3)
+        return model
+    out = quantize_model(model, quant, gguf=gguf_file)
+    return model if out is None else out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.").upper())
