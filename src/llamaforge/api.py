@@ -56,4 +56,8 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
     lm = load_model(ref.path, dtype=dtype, device=device, quant=quant, **kwargs)
     lm.name = ref.name
     lm.defaults = dict(ref.defaults or {})
+    if lm.defaults.get("adapter"):
+        # A store model created with `--adapter`: a PEFT LoRA adapter directory applied on top of the base.
+        from .train.lora import apply_adapter
+        apply_adapter(lm, lm.defaults["adapter"])
     return lm
