@@ -37,9 +37,31 @@ class Tokenizer(abc.ABC):
         """The exact bytes this token contributes to the output text (b"" for control tokens)."""
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
-        """Decode ids; invalid UTF-8 sequences become U+FFFD. Backends may override for speed/fidelity."""
-        return b"".join(self.token_bytes(i) for i in ids if not (skip_special and self.is_special(i))).decode(
-            "utf-8", errors="replace")
+        """Decode ids; invalid UTF-8 sequences become U+FFFD.
+
+        skip_special=False renders control tokens as their text (e.g. "<|im_end|>"). The first token that
+        produces text goes through `first_token_bytes` (SentencePiece drops its dummy-prefix space there), the
+        same rule the stream decoder applies, so streamed deltas always join to this result.
+        """
+        out = []
+        first = True
+        for i in ids:
+            data = self.output_bytes(i, skip_special=skip_special)
+            if first and data:
+                data = self.first_token_bytes(data)
+                first = False
+            out.append(data)
+        return b"".join(out).decode("utf-8", errors="replace")
+
+    def output_bytes(self, token_id: int, *, skip_special: bool = True) -> bytes:
+        """Bytes a token adds to decoded text: control tokens give b"" when skipped, else their own text."""
+        if self.is_special(token_id):
+            return b"" if skip_special else self.id_to_piece(token_id).encode("utf-8")
+        return self.token_bytes(token_id)
+
+    def first_token_bytes(self, data: bytes) -> bytes:
+        """Hook for the first text-producing token of a decode (identity here; SentencePiece strips a space)."""
+        return data
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
@@ -62,9 +84,12 @@ class Tokenizer(abc.ABC):
 
     def id_to_piece(self, token_id: int) -> str:
         """Human-readable token text (for logprobs / debugging)."""
-        for text, i in self.special_tokens.items():
-            if i == token_id:
-                return text
+        rev = getattr(self, "_special_rev_cache", None)
+        if rev is None:
+            rev = {i: t for t, i in self.special_tokens.items()}
+            self._special_rev_cache = rev
+        if token_id in rev:
+            return rev[token_id]
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
     def stream_decoder(self, *, skip_special: bool = True) -> "StreamDecoder":
@@ -86,18 +111,14 @@ class StreamDecoder:
         self._first = True
 
     def feed(self, token_id: int) -> str:
-        tok = self.tokenizer
-        if self.skip_special and tok.is_special(token_id):
-            return ""
-        data = tok.token_bytes(token_id)
+        data = self.tokenizer.output_bytes(token_id, skip_special=self.skip_special)
         if self._first and data:
-            data = self.tokenizer_first_bytes(data)
+            data = self.tokenizer.first_token_bytes(data)
             self._first = False
         return self._utf8.decode(data)
 
-    def tokenizer_first_bytes(self, data: bytes) -> bytes:
-        hook = getattr(self.tokenizer, "first_token_bytes", None)
-        return hook(data) if hook else data
+    def feed_many(self, ids: Iterable[int]) -> str:
+        return "".join(self.feed(i) for i in ids)
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)

@@ -1,0 +1,82 @@
+"""Shared machinery for the concrete backends: special-token splitting, BOS/EOS, per-id byte tables."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from ..errors import TokenizerError
+from .base import Tokenizer
+from .text import SpecialSplitter, clean_text
+
+# Names that mark the end of a chat turn in the vocabularies we know (Llama 3, ChatML, Gemma-style, Phi-3).
+EOT_NAMES = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+             "<|end_of_text|>")
+
+
+class FragmentTokenizer(Tokenizer):
+    """A backend that only has to encode plain text fragments (`_encode_fragment`).
+
+    Subclasses call `_setup(...)` with the per-id byte table, control tokens and always-split tokens.
+    """
+
+    strip_leading_space: bool = False
+
+    def _setup(self, *, token_bytes: Sequence[bytes], control: Mapping[str, int],
+               always: Mapping[str, int] | None = None, bos_id=None, eos_id=None, add_bos=False,
+               add_eos=False, chat_template=None, eot_ids=None) -> None:
+        self._bytes = list(token_bytes)
+        self.vocab_size = len(self._bytes)
+        for name, i in list(control.items()) + list((always or {}).items()):
+            if not (0 <= i < self.vocab_size):
+                raise TokenizerError(f"special token {name!r} has id {i}, outside the vocabulary "
+                                     f"(size {self.vocab_size})")
+        for what, i in (("bos", bos_id), ("eos", eos_id)):
+            if i is not None and not (0 <= int(i) < self.vocab_size):
+                raise TokenizerError(f"{what} token id {i} is outside the vocabulary (size {self.vocab_size})")
+        self.special_tokens = dict(control)
+        self._splitter = SpecialSplitter(control, always)
+        self.bos_id = None if bos_id is None else int(bos_id)
+        self.eos_id = None if eos_id is None else int(eos_id)
+        self.add_bos = bool(add_bos) and self.bos_id is not None
+        self.add_eos = bool(add_eos) and self.eos_id is not None
+        self.chat_template = chat_template or None
+        if eot_ids is None:
+            eot_ids = {control[n] for n in EOT_NAMES if n in control}
+        self.eot_ids = frozenset(eot_ids)
+        self._special_id_cache = None
+        self._special_rev_cache = None
+
+    def _encode_fragment(self, text: str) -> list[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode(self, text: str | bytes, *, add_special: bool = False, allow_special: bool = False) -> list[int]:
+        """Encode text (str, or bytes decoded as UTF-8 with invalid sequences replaced by U+FFFD).
+
+        Lone surrogates become U+FFFD. Control-token text becomes the control id only with allow_special=True.
+        """
+        text = clean_text(text)
+        ids: list[int] = []
+        if add_special and self.add_bos:
+            ids.append(self.bos_id)
+        for part in self._splitter.split(text, allow_special):
+            if isinstance(part, int):
+                ids.append(part)
+            else:
+                ids.extend(self._encode_fragment(part))
+        if add_special and self.add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        token_id = int(token_id)
+        if not (0 <= token_id < self.vocab_size):
+            raise TokenizerError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        return self._bytes[token_id]
+
+    def first_token_bytes(self, data: bytes) -> bytes:
+        if self.strip_leading_space and data[:1] == b" ":
+            return data[1:]
+        return data
+
+    def piece_to_id(self, piece: str) -> int | None:
+        """Id of a special token's text, or None."""
+        return self.special_tokens.get(piece)

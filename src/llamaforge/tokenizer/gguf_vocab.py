@@ -1,0 +1,141 @@
+"""Tokenizers from GGUF `tokenizer.ggml.*` metadata: "llama" (SentencePiece) and "gpt2" (byte-level BPE).
+
+Defaults follow llama.cpp (llama-vocab.cpp): SentencePiece vocabularies add BOS and a space prefix unless the
+file says otherwise; BPE vocabularies add BOS only for the llama3 pre-tokenizer unless the file says otherwise.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..errors import TokenizerError
+from .spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
+
+P = "tokenizer.ggml."
+
+
+def _list(meta: Mapping[str, Any], key: str, required: bool = True):
+    v = meta.get(P + key)
+    if v is None:
+        if required:
+            raise TokenizerError(f"GGUF metadata has no {P + key}")
+        return None
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
+        raise TokenizerError(f"{P + key} must be an array")
+    return list(v)
+
+
+def _opt_id(meta, key, n):
+    v = meta.get(P + key)
+    if v is None:
+        return None
+    v = int(v)
+    if v == -1 or v == 0xFFFFFFFF:
+        return None
+    if not (0 <= v < n):
+        raise TokenizerError(f"{P + key} = {v} is outside the vocabulary (size {n})")
+    return v
+
+
+def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], path=None):
+    """Build the Tokenizer a GGUF file describes. `metadata`: its decoded key/value dict."""
+    kind = metadata.get(P + "model")
+    if kind is None:
+        raise TokenizerError(f"{path or 'GGUF'}: no tokenizer.ggml.model key (no vocabulary in this file)")
+    tokens = _list(metadata, "tokens")
+    n = len(tokens)
+    if n == 0:
+        raise TokenizerError("tokenizer.ggml.tokens is empty")
+    if not all(isinstance(t, str) for t in tokens):
+        raise TokenizerError("tokenizer.ggml.tokens must hold strings")
+    types = _list(metadata, "token_type", required=False) or [NORMAL] * n
+    if len(types) != n:
+        raise TokenizerError(f"tokenizer.ggml.token_type has {len(types)} entries but there are {n} tokens")
+    types = [NORMAL if t == 0 else int(t) for t in types]
+    arch = metadata.get("general.architecture")
+    declared = metadata.get(f"{arch}.vocab_size") if arch else None
+    if declared is not None and int(declared) != n:
+        raise TokenizerError(f"the vocabulary has {n} tokens but {arch}.vocab_size is {declared}")
+    common = dict(
+        bos_id=_opt_id(metadata, "bos_token_id", n), eos_id=_opt_id(metadata, "eos_token_id", n),
+        chat_template=metadata.get("tokenizer.chat_template"),
+    )
+    eot = {_opt_id(metadata, k, n) for k in ("eot_token_id", "eom_token_id")} - {None}
+    if kind == "llama":
+        return _spm(metadata, tokens, types, common, eot)
+    if kind == "gpt2":
+        return _bpe(metadata, tokens, types, common, eot)
+    raise TokenizerError(f"unsupported tokenizer.ggml.model {kind!r} (supported: 'llama', 'gpt2')")
+
+
+def _flag(meta, key, default: bool) -> bool:
+    v = meta.get(P + key)
+    return default if v is None else bool(v)
+
+
+def _with_eot(tok, eot):
+    if eot:
+        tok.eot_ids = frozenset(tok.eot_ids | eot)
+    return tok
+
+
+def _spm(meta, tokens, types, common, eot):
+    from .sentencepiece import SentencePieceTokenizer, _byte_value
+    from .spm_proto import model_proto
+
+    n = len(tokens)
+    scores = _list(meta, "scores", required=False) or [0.0] * n
+    if len(scores) != n:
+        raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries but there are {n} tokens")
+    types = list(types)
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty == BYTE:
+            _byte_value(t)  # raises TokenizerError on "<0xZZ>"
+        elif ty not in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED):
+            raise TokenizerError(f"token {i} {t!r} has unknown token type {ty}")
+        if not t:
+            raise TokenizerError(f"token {i} is empty")
+    unk = _opt_id(meta, "unknown_token_id", n)
+    if UNKNOWN not in types:
+        # SentencePiece needs exactly one unknown piece; llama.cpp defaults it to id 0.
+        types[unk if unk is not None else 0] = UNKNOWN
+    unk_ids = [i for i, ty in enumerate(types) if ty == UNKNOWN]
+    if len(unk_ids) > 1:
+        raise TokenizerError(f"the vocabulary has several unknown tokens: {unk_ids[:5]}")
+    if len(set(tokens)) != n:
+        seen, dup = set(), None
+        for t in tokens:
+            if t in seen:
+                dup = t
+                break
+            seen.add(t)
+        raise TokenizerError(f"token {dup!r} appears twice in the vocabulary")
+    proto = model_proto(tokens, scores, types, byte_fallback=BYTE in types,
+                        add_dummy_prefix=_flag(meta, "add_space_prefix", True),
+                        remove_extra_whitespaces=_flag(meta, "remove_extra_whitespaces", False),
+                        unk_id=unk_ids[0])
+    tok = SentencePieceTokenizer.from_proto(
+        proto, add_bos=_flag(meta, "add_bos_token", True), add_eos=_flag(meta, "add_eos_token", False),
+        source="gguf", **common)
+    return _with_eot(tok, eot)
+
+
+def _bpe(meta, tokens, types, common, eot):
+    from .bpe import ByteLevelBPETokenizer
+    from .pretokenize import canonical_pre
+
+    merges = _list(meta, "merges", required=False)
+    if not merges:
+        raise TokenizerError("a gpt2 (BPE) vocabulary needs tokenizer.ggml.merges, which is missing or empty")
+    pre = meta.get(P + "pre") or "default"
+    control = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, UNKNOWN)}
+    user = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == USER_DEFINED}
+    if _flag(meta, "add_space_prefix", False):
+        raise TokenizerError("add_space_prefix is not supported for BPE vocabularies")
+    tok = ByteLevelBPETokenizer(
+        tokens, merges, pre=pre, control=control, user_defined=user,
+        add_bos=_flag(meta, "add_bos_token", canonical_pre(pre) == "llama3"),
+        add_eos=_flag(meta, "add_eos_token", False), **common)
+    tok.source = "gguf"
+    return _with_eot(tok, eot)
