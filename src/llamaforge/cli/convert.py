@@ -1,0 +1,266 @@
+"""`llamaforge convert MODEL --to hf|gguf --out PATH [--type f32|f16|q8_0]`.
+
+Weights go through float32 (a quantized GGUF is dequantized once) and are written by the formats writers
+(`write_gguf`, `save_hf`), which create the output atomically. The tokenizer travels too:
+  GGUF -> GGUF   `tokenizer.*` metadata copied with its exact value types;
+  HF   -> HF     tokenizer files copied;
+  HF   -> GGUF   `tokenizer.*` keys built from tokenizer.json (byte-level BPE) or tokenizer.model (SentencePiece);
+  GGUF -> HF     tokenizer.json etc. made by transformers' GGUF tokenizer converter when transformers is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import LlamaforgeError, ModelFormatError, InvalidRequestError
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                      "generation_config.json", "chat_template.jinja", "added_tokens.json")
+TYPES = {"hf": ("f32", "f16", "bf16"), "gguf": ("f32", "f16", "q8_0")}
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def read_source(path: Path):
+    """(fmt, config, float32 state_dict, info) for a GGUF file, HF directory or Meta directory.
+
+    info: {"tokenizer_metadata", "value_types" (GGUF), "license", "source_path"}.
+    """
+    import torch
+    from ..formats.load import detect_format
+    fmt = detect_format(path)
+    if fmt == "gguf-dir":
+        path, fmt = sorted(path.glob("*.gguf"))[0], "gguf"
+    info = {"license": None, "tokenizer_metadata": None, "value_types": None, "source_path": path}
+    if fmt == "gguf":
+        from ..formats.gguf import gguf_config, iter_gguf_state_dict, read_gguf
+        gf = read_gguf(path)
+        config = gguf_config(gf)
+        sd = dict(iter_gguf_state_dict(gf, config, torch.float32))
+        info["tokenizer_metadata"] = {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")} or None
+        info["value_types"] = gf.value_types
+        info["license"] = gf.metadata.get("general.license")
+        gf.close()
+    elif fmt == "hf":
+        from ..formats.safetensors import load_hf
+        config, sd, meta = load_hf(path, torch.float32)
+        info["license"] = meta.get("license")
+    else:
+        from ..formats.meta import load_meta
+        config, sd, meta = load_meta(path, torch.float32)
+        info["license"] = meta.get("license")
+    return fmt, config, sd, info
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizers
+def hf_tokenizer_files(src: Path) -> dict:
+    return {name: src / name for name in HF_TOKENIZER_FILES if (src / name).is_file()}
+
+
+def gguf_tokenizer_to_hf(gguf_path: Path) -> dict:
+    """{file name: bytes} of an HF tokenizer rebuilt from a GGUF's vocabulary (transformers' converter)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        _warn("transformers is not installed: the HF directory gets no tokenizer files")
+        return {}
+    import logging
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        # transformers wants a *.gguf file name; a store blob has none, so link it under one.
+        link = Path(tmp) / "model.gguf"
+        link.symlink_to(Path(gguf_path).resolve())
+        try:
+            tok = AutoTokenizer.from_pretrained(tmp, gguf_file="model.gguf")
+        except Exception as e:   # an unsupported vocabulary type: the weights are still worth converting
+            _warn(f"could not convert the GGUF tokenizer ({type(e).__name__}: {str(e)[:120]}); "
+                  "the HF directory gets no tokenizer files")
+            return {}
+        out_dir = Path(tmp) / "tok"
+        tok.save_pretrained(out_dir)
+        return {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
+
+
+def hf_tokenizer_to_gguf(src: Path, vocab_size: int | None = None) -> tuple[dict | None, dict | None]:
+    """(`tokenizer.*` metadata, value types) for an HF directory's tokenizer; (None, None) if it has none.
+
+    The token list is padded to `vocab_size` (the embedding rows) with unused `[PAD<i>]` entries, as llama.cpp's
+    converter does, because GGUF readers expect one token per embedding row."""
+    from gguf.vocab import SpecialVocab
+    tj = src / "tokenizer.json"
+    meta: dict = {}
+    if tj.is_file():
+        data = json.loads(tj.read_text(encoding="utf-8"))
+        model = data.get("model") or {}
+        if model.get("type") != "BPE" or model.get("byte_fallback"):
+            if not (src / "tokenizer.model").is_file():
+                _warn(f"tokenizer.json model type {model.get('type')!r} is not byte-level BPE; "
+                      "the GGUF gets no vocabulary")
+                return None, None
+            return _spm_tokenizer(src, vocab_size)
+        vocab = dict(model.get("vocab") or {})
+        added = {t["content"]: t for t in data.get("added_tokens") or []}
+        for content, t in added.items():
+            vocab.setdefault(content, t["id"])
+        n = max(max(vocab.values()) + 1 if vocab else 0, vocab_size or 0)
+        tokens = [f"[PAD{i}]" for i in range(n)]
+        types = [5] * n   # UNUSED until filled
+        for text, i in vocab.items():
+            tokens[i] = text
+            types[i] = 1  # NORMAL
+        for content, t in added.items():
+            types[t["id"]] = 3 if t.get("special") else 4   # CONTROL / USER_DEFINED
+        meta["tokenizer.ggml.model"] = "gpt2"
+        meta["tokenizer.ggml.pre"] = _pre_tokenizer_name(data)
+        meta["tokenizer.ggml.tokens"] = tokens
+        meta["tokenizer.ggml.token_type"] = types
+    elif (src / "tokenizer.model").is_file():
+        return _spm_tokenizer(src, vocab_size)
+    else:
+        return None, None
+    sv = SpecialVocab(src, load_merges=True, n_vocab=len(meta["tokenizer.ggml.tokens"]))
+    _special_keys(meta, sv)
+    if sv.merges:
+        meta["tokenizer.ggml.merges"] = list(sv.merges)
+    return meta, None
+
+
+def _spm_tokenizer(src: Path, vocab_size: int | None = None):
+    from gguf.vocab import SentencePieceVocab, SpecialVocab
+    v = SentencePieceVocab(src)
+    tokens, scores, types = [], [], []
+    for text, score, ttype in v.all_tokens():
+        tokens.append(text.decode("utf-8", errors="replace"))
+        scores.append(float(score))
+        types.append(int(ttype))
+    for i in range(len(tokens), vocab_size or 0):
+        tokens.append(f"[PAD{i}]")
+        scores.append(-1000.0)
+        types.append(5)   # UNUSED
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types}
+    _special_keys(meta, SpecialVocab(src, load_merges=False, n_vocab=len(tokens)))
+    return meta, None
+
+
+def _special_keys(meta: dict, sv) -> None:
+    for typ, tid in sv.special_token_ids.items():
+        meta[f"tokenizer.ggml.{typ}_token_id"] = int(tid)
+    for typ, on in sv.add_special_token.items():
+        meta[f"tokenizer.ggml.add_{typ}_token"] = bool(on)
+    if isinstance(sv.chat_template, str):
+        meta["tokenizer.chat_template"] = sv.chat_template
+
+
+# Pre-tokenizer regexes llama.cpp knows by name (facts from llama.cpp's `llama-vocab.cpp`).
+_LLAMA3_RE = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+
+
+def _pre_tokenizer_name(data: dict) -> str:
+    text = json.dumps(data.get("pre_tokenizer") or {})
+    if json.dumps(_LLAMA3_RE)[1:-1] in text:
+        return "llama-bpe"
+    if '"individual_digits": true' in text and "ByteLevel" in text:
+        return "smollm"
+    return "default"
+
+
+# ------------------------------------------------------------------------------------------------------ rope
+def hf_rope_config(config):
+    """The config with GGUF `rope_freqs` factors turned back into an HF `rope_scaling` (llama3 or linear).
+
+    GGUF stores only the per-frequency divisors; HF needs the parameters that produced them. They are found by
+    trying the values Llama 3.x checkpoints use; factors that match none raise rather than write a model whose
+    positions would silently differ.
+    """
+    import torch
+    from ..config import RopeScaling
+    from ..model.rope import llama3_freq_factors
+    rs = config.rope_scaling
+    if rs is None or rs.rope_type != "factors":
+        return config
+    f = torch.tensor(rs.freq_factors, dtype=torch.float32)
+    if torch.allclose(f, torch.ones_like(f)):
+        return config.replace(rope_scaling=None)
+    if torch.allclose(f, f[0].expand_as(f)):
+        return config.replace(rope_scaling=RopeScaling("linear", factor=float(f[0])))
+    factor = float(f.max())
+    for orig in sorted({2 ** k for k in range(4, 22)} | {config.max_position_embeddings // max(1, round(factor))}):
+        for low in (1.0, 2.0, 0.5):
+            for high in (4.0, 2.0, 8.0, 1.0):
+                if high <= low or orig <= 0:
+                    continue
+                cand = RopeScaling("llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                                   original_max_position_embeddings=orig)
+                if torch.allclose(llama3_freq_factors(config.replace(rope_scaling=cand)), f, rtol=1e-4, atol=1e-5):
+                    return config.replace(rope_scaling=cand)
+    raise ModelFormatError(None, "the GGUF's rope_freqs factors match no Hugging Face rope_scaling; "
+                                 "convert it to GGUF instead")
+
+
+# ------------------------------------------------------------------------------------------------------ command
+def convert(model: str, to: str, out: str | Path, type_: str | None = None, force: bool = False) -> Path:
+    """Convert a store model or path to an HF directory or a GGUF file. Returns the output path."""
+    import torch
+    from ..store import resolve
+    to = to.lower()
+    if to not in TYPES:
+        raise InvalidRequestError(f"--to must be hf or gguf, got {to!r}", field="to")
+    type_ = (type_ or "f16").lower()
+    if type_ not in TYPES[to]:
+        raise InvalidRequestError(f"--type {type_} is not available for --to {to} (choose from "
+                                  f"{', '.join(TYPES[to])})", field="type")
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise ModelFormatError(out, "already exists (pass --force to replace it)")
+    if to == "gguf" and out.is_dir():
+        raise ModelFormatError(out, "is a directory; --to gguf writes a file")
+    ref = resolve(model)
+    fmt, config, sd, info = read_source(Path(ref.path))
+    if to == "gguf":
+        from ..formats.gguf_write import write_gguf
+        tok_meta, value_types = info["tokenizer_metadata"], info["value_types"]
+        if tok_meta is None and fmt in ("hf", "meta"):
+            tok_meta, value_types = hf_tokenizer_to_gguf(Path(ref.path), config.vocab_size)
+        if tok_meta is None:
+            _warn("the source has no tokenizer: the GGUF carries weights only")
+        extra = {"general.license": info["license"]} if info["license"] else None
+        write_gguf(out, config, sd, tokenizer_metadata=tok_meta, file_type=type_, value_types=value_types,
+                   extra_metadata=extra)
+    else:
+        from ..formats.safetensors import save_hf
+        if fmt == "gguf":
+            tok_files = gguf_tokenizer_to_hf(info["source_path"]) if info["tokenizer_metadata"] else {}
+        else:
+            tok_files = hf_tokenizer_files(Path(ref.path))
+        config = hf_rope_config(config)
+        dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[type_]
+        save_hf(out, config, sd, tokenizer_files=tok_files or None, dtype=dtype)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `llamaforge convert`."""
+    p = argparse.ArgumentParser(prog="llamaforge convert",
+                                description="Convert a model (store name or path) to a Hugging Face directory "
+                                            "or a GGUF file.")
+    p.add_argument("model", help="store name, GGUF file, HF directory or Meta directory")
+    p.add_argument("--to", required=True, choices=("hf", "gguf"), help="output format")
+    p.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
+    p.add_argument("--type", default=None, choices=("f32", "f16", "bf16", "q8_0"),
+                   help="weight type: f32 | f16 (default) | q8_0 (gguf only) | bf16 (hf only)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        out = convert(args.model, args.to, args.out, args.type, force=args.force)
+    except ValueError as e:
+        if isinstance(e, LlamaforgeError):
+            raise
+        raise InvalidRequestError(str(e)) from None
+    print(f"wrote {out}")
+    return 0
