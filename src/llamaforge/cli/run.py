@@ -1,0 +1,318 @@
+"""`llamaforge run [MODEL] [PROMPT]`: chat with a model, like `ollama run`.
+
+On a terminal: a streaming multi-turn chat. Commands: /bye, /clear, /set system TEXT, /set parameter NAME
+VALUE, /set verbose|quiet, /show info|system|parameters|template|license, /? (help). Text between lines
+starting and ending with triple quotes is one multi-line message. Ctrl-C stops the current answer; Ctrl-C or
+Ctrl-D at the prompt exits. With PROMPT, or when stdin is not a terminal, answer once and exit (the prompt comes
+from stdin when PROMPT is absent; an empty stdin gets a built-in demo prompt).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+DEFAULT_MODEL = "smollm2"
+DEMO_PROMPT = "In two or three sentences, why is the sky blue?"
+# Chat answers may run longer than a raw completion's default; the context window still bounds them.
+RUN_DEFAULTS = {"max_tokens": 1024}
+# Tokens kept free for the answer when old turns must be dropped to fit the context.
+ANSWER_ROOM = 256
+
+HELP = """Available commands:
+  /set system TEXT         set the system message (clears nothing else)
+  /set parameter NAME VAL  set a sampling parameter (temperature, top_k, top_p, min_p, num_predict, seed,
+                           repeat_penalty, repeat_last_n, presence_penalty, frequency_penalty, stop)
+  /set verbose | quiet     show / hide token counts and speed after each answer
+  /show info|system|parameters|template|license
+  /clear                   forget the conversation
+  /bye                     exit
+  /?, /help                this help
+Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D exits."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .generate import add_sampling_flags
+    p = argparse.ArgumentParser(prog="llamaforge run", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"store name or path (default: {DEFAULT_MODEL})")
+    p.add_argument("prompt", nargs="?", metavar="PROMPT", help="answer this once and exit")
+    p.add_argument("--verbose", action="store_true", help="show token counts and speed after each answer")
+    p.add_argument("--system", metavar="TEXT", help="system message (overrides the model's)")
+    add_sampling_flags(p)
+    return p
+
+
+def load_model(name: str):
+    """Load by store name or path, with a status line on stderr only when stderr is a terminal."""
+    import llamaforge
+    tty = sys.stderr.isatty()
+    if tty:
+        sys.stderr.write(f"loading {name} ...")
+        sys.stderr.flush()
+    try:
+        return llamaforge.load(name)
+    finally:
+        if tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+class ChatSession:
+    """Conversation state and answering (the REPL and one-shot mode share it)."""
+
+    def __init__(self, lm, *, system: str | None, options: dict, verbose: bool = False, out=None):
+        from ..generate.engine import context_length
+        self.lm = lm
+        self.system = system
+        self.options = dict(options)       # SamplingParams kwargs set on the command line or with /set
+        self.verbose = verbose
+        self.history: list[dict] = []
+        self.out = out or sys.stdout
+        self.context = context_length(lm)
+
+    def messages_for(self, text: str) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + self.history + [{"role": "user", "content": text}]
+
+    def _sampling(self) -> dict:
+        model_opts = set(((self.lm.defaults or {}).get("options") or {}))
+        base = {k: v for k, v in RUN_DEFAULTS.items() if k not in model_opts and not
+                (k == "max_tokens" and "num_predict" in model_opts)}
+        return {**base, **self.options}
+
+    def _prepare(self, text: str):
+        """Token ids + params for the next answer, dropping the oldest turns if the context is too small."""
+        from ..errors import ContextLengthError
+        from ..generate.api import prepare_chat
+        while True:
+            try:
+                ids, params = prepare_chat(self.lm, self.messages_for(text), self._sampling())
+            except ContextLengthError:
+                if not self.history:
+                    raise
+                ids = None
+            if ids is not None and (len(ids) + min(ANSWER_ROOM, params.max_tokens) <= self.context
+                                    or not self.history):
+                return ids, params
+            del self.history[:2]  # the oldest user/assistant pair
+
+    def answer(self, text: str, *, interruptible: bool) -> bool:
+        """Stream an answer to `text`. Returns False when interrupted with Ctrl-C (the turn is forgotten)."""
+        from ..generate.api import TokenStream
+        ids, params = self._prepare(text)
+        t0 = time.perf_counter()
+        s = TokenStream(self.lm, ids, params, None)
+        interrupted = {"flag": False}
+        old = None
+        if interruptible:
+            # A flag checked between tokens, rather than an exception inside a tensor op.
+            def on_sigint(signum, frame):
+                interrupted["flag"] = True
+            old = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            for ev in s:
+                if ev.text:
+                    self.out.write(ev.text)
+                    self.out.flush()
+                if interrupted["flag"]:
+                    break
+        finally:
+            s.close()
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+        if interrupted["flag"] or s.completion is None:
+            self.out.write("\n\n")
+            self.out.flush()
+            return False
+        c = s.completion
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": c.text}]
+        self.out.write("\n\n" if interruptible else "\n")
+        self.out.flush()
+        if self.verbose:
+            self._print_stats(c, time.perf_counter() - t0)
+        return True
+
+    def _print_stats(self, c, total: float) -> None:
+        pt, ct = c.usage["prompt_tokens"], c.usage["completion_tokens"]
+        ps, ds = c.timings.get("prompt_seconds", 0.0), c.timings.get("decode_seconds", 0.0)
+        rate = (lambda n, s: f"{n / s:.2f} tokens/s" if s > 0 else "n/a")
+        print(f"total duration:       {total:.3f}s\n"
+              f"prompt eval count:    {pt} token(s)\n"
+              f"prompt eval duration: {ps:.3f}s\n"
+              f"prompt eval rate:     {rate(pt, ps)}\n"
+              f"eval count:           {ct} token(s)\n"
+              f"eval duration:        {ds:.3f}s\n"
+              f"eval rate:            {rate(max(ct - 1, 0), ds)}\n", file=sys.stderr, flush=True)
+
+    # -- slash commands ---------------------------------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Handle a /command; return False to exit."""
+        from ..errors import InvalidRequestError
+        from ..generate.sampling import params_from_options
+        parts = line.strip().split(None, 2)
+        cmd = parts[0].lower()
+        if cmd in ("/bye", "/exit", "/quit"):
+            return False
+        if cmd in ("/?", "/help"):
+            print(HELP)
+        elif cmd == "/clear":
+            self.history.clear()
+            print("Cleared session context")
+        elif cmd == "/set" and len(parts) >= 2:
+            what = parts[1].lower()
+            if what == "system":
+                self.system = parts[2] if len(parts) > 2 else None
+                print("Set system message." if self.system else "Cleared system message.")
+            elif what == "parameter":
+                name, _, value = (parts[2] if len(parts) > 2 else "").partition(" ")
+                if not name or not value.strip():
+                    print("Usage: /set parameter NAME VALUE")
+                    return True
+                try:
+                    new = params_from_options({name: value.strip()})
+                except InvalidRequestError as e:
+                    print(f"Error: {e}")
+                    return True
+                if "stop" in new:
+                    new["stop"] = tuple(self.options.get("stop", ())) + new["stop"]
+                self.options.update(new)
+                print(f"Set parameter '{name}' to '{value.strip()}'")
+            elif what in ("verbose", "quiet"):
+                self.verbose = what == "verbose"
+                print("Set 'verbose' mode." if self.verbose else "Set 'quiet' mode.")
+            else:
+                print(f"Unknown /set option {what!r}. Type /? for help")
+        elif cmd == "/show":
+            self._show(parts[1].lower() if len(parts) > 1 else "info")
+        else:
+            print(f"Unknown command {parts[0]!r}. Type /? for help")
+        return True
+
+    def _show(self, what: str) -> None:
+        lm, md = self.lm, self.lm.metadata or {}
+        if what == "info":
+            n_params = sum(p.numel() for p in lm.model.parameters())
+            print(f"  model         {lm.name or lm.path}\n  architecture  {md.get('architecture', 'llama')}\n"
+                  f"  parameters    {n_params / 1e6:.1f}M\n  quantization  {md.get('file_type', '?')}\n"
+                  f"  context       {self.context}\n  path          {lm.path}")
+        elif what == "system":
+            print(self.system or "No system message was specified for this model.")
+        elif what == "parameters":
+            merged = {**((lm.defaults or {}).get("options") or {}), **self.options}
+            print("\n".join(f"{k:<20} {v}" for k, v in merged.items()) or "No parameters were set.")
+        elif what == "template":
+            print((lm.defaults or {}).get("template") or md.get("chat_template") or "No template.")
+        elif what == "license":
+            print(md.get("license") or "No license was specified for this model.")
+        else:
+            print("Usage: /show info|system|parameters|template|license")
+
+
+def read_message(prompt: str = ">>> ") -> str:
+    """One user message; lines between triple quotes form one multi-line message."""
+    line = input(prompt)
+    if not line.lstrip().startswith('"""'):
+        return line
+    rest = line.lstrip()[3:]
+    if rest.endswith('"""') and rest.strip() != "":
+        return rest[:-3]
+    lines = [rest] if rest else []
+    while True:
+        more = input("... ")
+        if more.rstrip().endswith('"""'):
+            lines.append(more.rstrip()[:-3])
+            return "\n".join(lines)
+        lines.append(more)
+
+
+def _history_path():
+    try:
+        from ..store import home
+        return home() / "history"
+    except Exception:
+        return None
+
+
+def _setup_readline():
+    try:
+        import readline
+    except ImportError:
+        return None
+    path = _history_path()
+    readline.set_history_length(1000)
+    if path is not None and path.is_file():
+        try:
+            readline.read_history_file(str(path))
+        except OSError:
+            pass
+    return readline
+
+
+def _save_readline(readline) -> None:
+    path = _history_path()
+    if readline is None or path is None:
+        return
+    tmp = path.with_name(f".history.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
+def repl(session: ChatSession) -> int:
+    readline = _setup_readline()
+    print("Type /? for help, /bye to exit.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                text = read_message()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if not text.strip():
+                continue
+            if text.lstrip().startswith("/") and not text.lstrip().startswith("//"):
+                if not session.command(text):
+                    return 0
+                continue
+            try:
+                session.answer(text, interruptible=True)
+            except Exception as e:
+                from ..errors import LlamaforgeError
+                if not isinstance(e, LlamaforgeError):
+                    raise
+                print(f"Error: {e}")
+    finally:
+        _save_readline(readline)
+
+
+def main(argv: list[str]) -> int:
+    from .generate import check_sampling, sampling_from_args
+    args = build_parser().parse_args(argv)
+    sampling = sampling_from_args(args)
+    err = check_sampling(sampling)
+    if err:
+        print(err, file=sys.stderr)
+        return 1
+    interactive = args.prompt is None and sys.stdin.isatty()
+    text = args.prompt
+    if not interactive and text is None:
+        text = sys.stdin.read().strip() or DEMO_PROMPT
+    lm = load_model(args.model)
+    system = args.system if args.system is not None else (lm.defaults or {}).get("system")
+    session = ChatSession(lm, system=system, options=sampling, verbose=args.verbose)
+    if interactive:
+        return repl(session)
+    session.answer(text, interruptible=False)
+    return 0
