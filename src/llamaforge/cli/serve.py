@@ -1,0 +1,89 @@
+"""`llamaforge serve [MODEL]...`: the OpenAI + Ollama compatible HTTP server."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..errors import LlamaforgeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llamaforge serve",
+        description="Serve models over HTTP with the OpenAI (/v1/...) and Ollama (/api/...) APIs. "
+                    "Models named here load at start (/health answers 503 until they are in); other store "
+                    "models load on first request.")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="store names or model paths (default: smollm2)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1; anything else exposes the server to the network)")
+    p.add_argument("--port", type=int, default=11435, help="port (default 11435)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: env LLAMAFORGE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch slot before answering 503 (default 64)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help="context window per request in tokens (default: the model's, at most 4096)")
+    p.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="request body limit in bytes (413)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser Origin allowed to call the API (repeatable); loopback origins always are")
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="an extra Host name accepted on a loopback bind (repeatable)")
+    p.add_argument("--no-load-on-demand", action="store_true",
+                   help="serve only the models named here (404 for others)")
+    p.add_argument("--max-loaded", type=int, default=2, help="models kept in memory at once (default 2)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights/activations dtype (default float32)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+                             ("--max-loaded", args.max_loaded, 1), ("--max-body", args.max_body, 1024)):
+        if value < low:
+            print(f"llamaforge serve: {flag} must be at least {low}", file=sys.stderr)
+            return 2
+    if args.ctx is not None and args.ctx < 2:
+        print("llamaforge serve: --ctx must be at least 2", file=sys.stderr)
+        return 2
+    if not 0 < args.port < 65536:
+        print("llamaforge serve: --port must be between 1 and 65535", file=sys.stderr)
+        return 2
+    models = args.models or ["smollm2"]
+    # Fail fast on a name that does not exist; the weights themselves load in the background.
+    from ..store import resolve
+    for m in models:
+        resolve(m)  # ModelNotFoundError -> "Error: ..." via cli.main
+
+    from ..server.app import ServerConfig, create_app, make_server
+    from ..server.security import is_loopback_host
+    api_key = args.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
+    config = ServerConfig(models=models, host=args.host, port=args.port, api_key=api_key,
+                          max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, max_body=args.max_body,
+                          allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
+                          load_on_demand=not args.no_load_on_demand, max_loaded=args.max_loaded, dtype=args.dtype)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("llamaforge.server")
+    if not is_loopback_host(args.host):
+        log.warning("binding %s exposes the server beyond this machine%s", args.host,
+                    "" if api_key else "; set --api-key (or LLAMAFORGE_API_KEY) to require a key")
+    _limit_threads()
+    try:
+        server = make_server(create_app(config), args.host, args.port, log_level=args.log_level)
+        server.run()
+    except OSError as e:  # port in use, permission denied
+        raise LlamaforgeError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    return 0 if getattr(server, "started", True) else 1
+
+
+def _limit_threads() -> None:
+    # One model thread does the compute; more intra-op threads than cores only adds contention.
+    import torch
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() > n:
+        torch.set_num_threads(n)
