@@ -1,0 +1,349 @@
+"""Training data: Alpaca, chat (`messages` / ShareGPT `conversations`) and preference files -> token ids + masks.
+
+Text goes through the model's chat format at the token level (`ChatFormat.encode_with_mask`), so the loss falls
+on exactly the tokens the model must produce: every assistant turn's content and its end-of-turn token.
+Bad records raise `DatasetError` naming the file and line, or are skipped and counted with `skip_bad=True`.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..errors import LlamaforgeError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "model": "assistant", "chatgpt": "assistant", "bing": "assistant"}
+IGNORE = -100  # label value that contributes no loss (the torch cross_entropy default ignore_index)
+
+
+class DatasetError(LlamaforgeError):
+    """A training file or one of its records is invalid. `path` and `line` locate it."""
+
+    def __init__(self, path, line: int | None, reason: str):
+        self.path, self.line, self.reason = str(path), line, reason
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {reason}")
+
+
+class _BadRecord(Exception):
+    """Internal: a record-level problem, turned into DatasetError (or a skip) with the line number."""
+
+
+@dataclass
+class Example:
+    """One tokenized training example. For preference data `ids/mask` is the chosen side."""
+
+    ids: list[int]
+    mask: list[bool]
+    line: int
+    rejected_ids: list[int] | None = None
+    rejected_mask: list[bool] | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids) + len(self.rejected_ids or ())
+
+
+@dataclass
+class DataReport:
+    """What loading produced: counts of records read, kept and skipped (by reason)."""
+
+    read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        s = f"{self.kept} examples from {self.read} records"
+        if self.skipped:
+            s += "; skipped " + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
+        return s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading records
+
+def iter_records(path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, parsed JSON or None, error or None) for a .jsonl file or a .json array (1-based numbers)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DatasetError(path, None, f"cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DatasetError(path, line, "not valid UTF-8") from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise DatasetError(path, None, "the file is empty")
+    if stripped.startswith("["):
+        # A JSON array (Alpaca's own file format): report positions as the record's line in the file.
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DatasetError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+        lines = _array_item_lines(text, len(data))
+        for i, rec in enumerate(data):
+            yield lines[i], rec, None
+        return
+    for no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield no, json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield no, None, f"malformed JSON ({e.msg} at column {e.colno})"
+
+
+def _array_item_lines(text: str, n: int) -> list[int]:
+    # Line where each top-level array element starts, via a raw_decode walk.
+    dec, out, i = json.JSONDecoder(), [], text.index("[") + 1
+    for _ in range(n):
+        while text[i] in " \t\r\n,":
+            i += 1
+        out.append(text.count("\n", 0, i) + 1)
+        _, i = dec.raw_decode(text, i)
+    return out
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise _BadRecord(f"{what} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(value, what: str, *, sharegpt: bool = False) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise _BadRecord(f"{what!r} must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise _BadRecord(f"{what}[{i}] is not an object")
+        if sharegpt:
+            if "from" not in m or "value" not in m:
+                raise _BadRecord(f"{what}[{i}] needs 'from' and 'value'")
+            role = SHAREGPT_ROLES.get(m["from"]) if isinstance(m["from"], str) else None
+            if role is None:
+                raise _BadRecord(f"{what}[{i}] has unknown role {m['from']!r}")
+            content = m["value"]
+        else:
+            if "role" not in m or "content" not in m:
+                raise _BadRecord(f"{what}[{i}] needs 'role' and 'content'")
+            role, content = m["role"], m["content"]
+            if role not in ROLES:
+                raise _BadRecord(f"{what}[{i}] has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        content = _text(content, f"{what}[{i}] content")
+        if role == "assistant" and not content.strip():
+            raise _BadRecord(f"{what}[{i}] is an empty assistant turn")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def sft_messages(rec: Any) -> list[dict]:
+    """A chat, Alpaca or prompt/completion record -> messages with at least one assistant turn."""
+    if not isinstance(rec, dict):
+        raise _BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+    if "messages" in rec:
+        msgs = _messages(rec["messages"], "messages")
+    elif "conversations" in rec:
+        msgs = _messages(rec["conversations"], "conversations", sharegpt=True)
+    elif "instruction" in rec:
+        if "output" not in rec:
+            raise _BadRecord("Alpaca record is missing 'output'")
+        instruction = _text(rec["instruction"], "instruction")
+        extra = _text(rec.get("input") or "", "input")
+        output = _text(rec["output"], "output")
+        if not instruction.strip():
+            raise _BadRecord("empty 'instruction'")
+        if not output.strip():
+            raise _BadRecord("empty 'output' (an empty assistant turn)")
+        msgs = [{"role": "system", "content": _text(rec["system"], "system")}] if rec.get("system") else []
+        msgs += [{"role": "user", "content": instruction + (f"\n\n{extra}" if extra.strip() else "")},
+                 {"role": "assistant", "content": output}]
+    elif "prompt" in rec and "completion" in rec:
+        prompt, completion = _text(rec["prompt"], "prompt"), _text(rec["completion"], "completion")
+        if not completion.strip():
+            raise _BadRecord("empty 'completion' (an empty assistant turn)")
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    else:
+        raise _BadRecord("unrecognised record: expected 'messages', 'conversations', "
+                         "'instruction'/'output' (Alpaca) or 'prompt'/'completion'")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise _BadRecord("no assistant turn to learn from")
+    return msgs
+
+
+def preference_messages(rec: Any) -> tuple[list[dict], list[dict], list[dict]]:
+    """A preference record -> (prompt messages, chosen reply messages, rejected reply messages)."""
+    if not isinstance(rec, dict):
+        raise _BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+    for k in ("chosen", "rejected"):
+        if k not in rec:
+            raise _BadRecord(f"preference record is missing {k!r}")
+
+    def reply(v, what):
+        if isinstance(v, str):
+            if not v.strip():
+                raise _BadRecord(f"empty {what!r} reply")
+            return [{"role": "assistant", "content": v}]
+        return _messages(v, what)
+
+    chosen, rejected = reply(rec["chosen"], "chosen"), reply(rec["rejected"], "rejected")
+    if "prompt" in rec:
+        p = rec["prompt"]
+        prompt = [{"role": "user", "content": _text(p, "prompt")}] if isinstance(p, str) else _messages(p, "prompt")
+    else:
+        # Chat-shaped pairs (whole conversations): the shared leading messages are the prompt.
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise _BadRecord("no 'prompt' and the chosen/rejected conversations share no leading messages")
+    for what, side in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m["role"] == "assistant" for m in side):
+            raise _BadRecord(f"{what!r} has no assistant reply")
+    if chosen == rejected:
+        raise _BadRecord("'chosen' and 'rejected' are identical")
+    return prompt, chosen, rejected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizing
+
+def _encode(chat_format, messages) -> tuple[list[int], list[bool]]:
+    ids, mask = chat_format.encode_with_mask(messages)
+    ids, mask = [int(i) for i in ids], [bool(m) for m in mask]
+    if len(ids) != len(mask):
+        raise _BadRecord("chat format returned ids and mask of different lengths")
+    return ids, mask
+
+
+def _completion_only(chat_format, prompt, reply) -> tuple[list[int], list[bool]]:
+    # Learn from (or score) only the reply, not assistant turns inside a multi-turn prompt.
+    ids, mask = _encode(chat_format, prompt + reply)
+    p_ids, _ = _encode(chat_format, prompt)
+    if ids[:len(p_ids)] != p_ids:
+        raise _BadRecord("the chat format does not encode the prompt as a prefix of prompt+reply")
+    mask = [False] * len(p_ids) + mask[len(p_ids):]
+    return ids, mask
+
+
+def load_dataset(path, chat_format, *, kind: str = "sft", max_seq_len: int = 2048, skip_bad: bool = False,
+                 report: DataReport | None = None) -> list[Example]:
+    """Read and tokenize a training file. kind: "sft" or "preference".
+
+    Records with invalid JSON, missing fields, unknown roles, empty assistant turns, or more than max_seq_len
+    tokens raise DatasetError(path, line), or are skipped and counted in `report` when skip_bad is set.
+    """
+    from ..errors import TemplateError, TokenizerError
+    if kind not in ("sft", "preference"):
+        raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
+    report = report if report is not None else DataReport()
+    out: list[Example] = []
+    for line, rec, err in iter_records(path):
+        report.read += 1
+        try:
+            if err is not None:
+                raise _BadRecord(err)
+            if kind == "sft":
+                ids, mask = _encode(chat_format, sft_messages(rec))
+                n, rej = len(ids), None
+            else:
+                prompt, chosen, rejected = preference_messages(rec)
+                ids, mask = _completion_only(chat_format, prompt, chosen)
+                rej = _completion_only(chat_format, prompt, rejected)
+                n = max(len(ids), len(rej[0]))
+            if n > max_seq_len:
+                raise _BadRecord(f"example is {n} tokens, longer than max_seq_len={max_seq_len}", "too long")
+            if not any(mask[1:]) or (rej is not None and not any(rej[1][1:])):
+                raise _BadRecord("no assistant tokens to learn from after tokenization")
+        except (_BadRecord, TemplateError, TokenizerError) as e:
+            reason = str(e.args[0]) if e.args else str(e)
+            if not skip_bad:
+                raise DatasetError(path, line, reason + " (use --skip-bad to skip such records)") from None
+            report.skipped[e.args[1] if len(e.args) > 1 else _reason_kind(reason)] += 1
+            continue
+        ex = Example(ids, mask, line) if rej is None else Example(ids, mask, line, rej[0], rej[1])
+        out.append(ex)
+        report.kept += 1
+    if not out:
+        raise DatasetError(path, None, f"no usable examples ({report.summary()})")
+    return out
+
+
+def _reason_kind(reason: str) -> str:
+    for key in ("malformed JSON", "unknown role", "empty", "missing", "not valid"):
+        if key in reason:
+            return key
+    return "invalid"
+
+
+def pack_examples(examples: Sequence[Example], max_seq_len: int) -> list[Example]:
+    """Concatenate SFT examples into rows of at most max_seq_len tokens, in order (greedy).
+
+    Packed documents attend to earlier documents in the same row (plain causal attention, as most packing
+    trainers do); the loss mask still covers only assistant tokens.
+    """
+    rows: list[Example] = []
+    cur_ids: list[int] = []
+    cur_mask: list[bool] = []
+    first_line = None
+    for ex in examples:
+        if cur_ids and len(cur_ids) + len(ex.ids) > max_seq_len:
+            rows.append(Example(cur_ids, cur_mask, first_line))
+            cur_ids, cur_mask = [], []
+        if not cur_ids:
+            first_line = ex.line
+        cur_ids = cur_ids + ex.ids
+        cur_mask = cur_mask + ex.mask
+    if cur_ids:
+        rows.append(Example(cur_ids, cur_mask, first_line))
+    return rows
+
+
+def collate(rows: Sequence[tuple[list[int], list[bool]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids [B, T] and next-token labels [B, T] (IGNORE where no loss is taken)."""
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    for b, (ids, mask) in enumerate(rows):
+        n = len(ids)
+        input_ids[b, :n] = torch.tensor(ids, dtype=torch.long)
+        # Position t predicts token t+1: it is a target iff token t+1 is one the model must learn.
+        tgt = torch.tensor(ids[1:], dtype=torch.long)
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        labels[b, :n - 1] = torch.where(keep, tgt, torch.full_like(tgt, IGNORE))
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate_sft(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    return collate([(e.ids, e.mask) for e in examples], pad_id)
+
+
+def collate_preference(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows: [2B, T]."""
+    rows = [(e.ids, e.mask) for e in examples] + [(e.rejected_ids, e.rejected_mask) for e in examples]
+    batch = collate(rows, pad_id)
+    batch["n_pairs"] = torch.tensor(len(examples))
+    return batch
+
+
+def split_eval(examples: list[Example], eval_split: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out a fraction (0 < x < 1) or a count (x >= 1) of examples, chosen by a seeded permutation."""
+    if not eval_split:
+        return examples, []
+    n = len(examples)
+    k = int(eval_split) if eval_split >= 1 else max(1, round(n * eval_split))
+    if k >= n:
+        raise DatasetError("<dataset>", None, f"eval split of {k} leaves no training examples (only {n})")
+    g = torch.Generator().manual_seed(seed)
+    held = set(torch.randperm(n, generator=g)[:k].tolist())
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]

@@ -1,0 +1,184 @@
+"""What differs between full SFT, LoRA/QLoRA SFT and DPO: preparing the model, the loss, and the final save.
+
+The trainer normalises every loss by a count over the whole global batch (target tokens for SFT, pairs for
+DPO), so gradient accumulation and data parallelism give the gradient of one big batch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE, Example, collate_preference, collate_sft
+from .lora import adapters_disabled, apply_lora, save_adapter
+from .nf4 import NF4Linear
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1):
+    """Direct Preference Optimization, sigmoid loss (Rafailov et al. 2023, eq. 7), per pair.
+
+        loss = -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+
+    Inputs are summed completion log-probabilities [N]. Returns (losses [N], chosen rewards [N],
+    rejected rewards [N]) with reward = beta * (log pi - log ref).
+    """
+    chosen_rewards = beta * (policy_chosen - ref_chosen)
+    rejected_rewards = beta * (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over the positions whose label is not IGNORE, per row: [B]."""
+    logits = model(input_ids).float()                       # [B, T, V]
+    keep = labels != IGNORE
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, T]
+    return (picked * keep).sum(-1)
+
+
+def quantize_decoder_linears(model: nn.Module) -> int:
+    """QLoRA base: every linear layer inside the decoder blocks stored in NF4 (embeddings/lm_head stay)."""
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if ".layers." in f".{name}" and isinstance(mod, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NF4Linear.from_linear(mod))
+            n += 1
+    return n
+
+
+class Strategy:
+    """Base: SFT with every parameter trained (full fine-tuning)."""
+
+    name = "full"
+    kind = "sft"  # which dataset shape it consumes
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def prepare(self, model: nn.Module) -> None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+    def count(self, examples: list[Example]) -> int:
+        """The loss normaliser contributed by these examples (target tokens)."""
+        return sum(sum(e.mask[1:]) for e in examples)
+
+    def collate(self, examples: list[Example]) -> dict:
+        return collate_sft(examples)
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Summed loss over the batch and summed statistics (divided by the global count by the trainer)."""
+        logits = model(batch["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        return loss, {"loss": loss.detach()}
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def save_final(self, model: nn.Module, out: Path, lm) -> Path:
+        return save_full_model(model, out, lm)
+
+
+class LoraStrategy(Strategy):
+    """SFT of LoRA adapters on a frozen base; with qlora the base is NF4."""
+
+    name = "lora"
+
+    def prepare(self, model: nn.Module) -> None:
+        c = self.cfg
+        if c.method == "qlora":
+            quantize_decoder_linears(model)
+        apply_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, list(c.target_modules))
+
+    def save_final(self, model: nn.Module, out: Path, lm) -> Path:
+        return save_adapter(model, out, base_model=str(self.cfg.model))
+
+
+class DPOStrategy(Strategy):
+    """DPO on full weights (reference = frozen copy) or LoRA/QLoRA (reference = adapters disabled)."""
+
+    name = "dpo"
+    kind = "preference"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.inner = Strategy(cfg) if cfg.method == "full" else LoraStrategy(cfg)
+        self.ref_model: nn.Module | None = None
+
+    def prepare(self, model: nn.Module) -> None:
+        if self.cfg.method == "full":
+            self.ref_model = copy.deepcopy(model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        self.inner.prepare(model)
+
+    def count(self, examples: list[Example]) -> int:
+        return len(examples)
+
+    def collate(self, examples: list[Example]) -> dict:
+        return collate_preference(examples)
+
+    def reference_logps(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return sequence_logps(self.ref_model, batch["input_ids"], batch["labels"])
+            with adapters_disabled(model):
+                return sequence_logps(model, batch["input_ids"], batch["labels"])
+
+    def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        n = int(batch["n_pairs"])
+        ref = self.reference_logps(model, batch)
+        pol = sequence_logps(model, batch["input_ids"], batch["labels"])
+        losses, cr, rr = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], self.cfg.dpo_beta)
+        margin = cr - rr
+        return losses.sum(), {"loss": losses.sum().detach(), "reward_margin": margin.sum(),
+                              "reward_accuracy": (margin > 0).float().sum()}
+
+    def save_final(self, model: nn.Module, out: Path, lm) -> Path:
+        return self.inner.save_final(model, out, lm)
+
+
+def make_strategy(cfg) -> Strategy:
+    if cfg.task == "dpo":
+        return DPOStrategy(cfg)
+    return Strategy(cfg) if cfg.method == "full" else LoraStrategy(cfg)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                    "generation_config.json")
+
+
+def save_full_model(model: nn.Module, out: Path, lm) -> Path:
+    """Save a full model as a Hugging Face directory (config.json + safetensors, tokenizer files when known)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    src = Path(lm.path) if getattr(lm, "path", None) else None
+    tok_files = [src / f for f in _TOKENIZER_FILES if src and src.is_dir() and (src / f).is_file()]
+    try:
+        from ..formats.safetensors import save_hf
+    except ImportError:
+        save_hf = None
+    if save_hf is not None:
+        save_hf(out, model.config, sd, tokenizer_files=tok_files or None)
+        return out
+    # Minimal writer while formats.safetensors is unavailable: same file names HF uses.
+    from safetensors.torch import save
+    from .lora import _atomic_write_bytes
+    _atomic_write_bytes(out / "model.safetensors", save(sd, metadata={"format": "pt"}))
+    cfg = model.config.to_hf_config()
+    _atomic_write_bytes(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+    for f in tok_files:
+        shutil.copyfile(f, out / f.name)
+    return out
