@@ -1,0 +1,203 @@
+"""Render a model's own chat template safely: jinja2's ImmutableSandboxedEnvironment plus resource bounds.
+
+The sandbox blocks attribute escapes (`__globals__`, `__class__`, ...); on top of it:
+- any unsafe attribute access raises at once (plain jinja would render it as an empty Undefined),
+- output, string concatenation (`~`, `+`), repetition (`*`), `%`-formatting and the widening filters are
+  bounded by `max_output` characters,
+- every `for` loop draws from one iteration budget and a wall-clock deadline, so nested loops cannot hang,
+- recursion errors become TemplateError.
+The options (trim_blocks, lstrip_blocks, loopcontrols, tojson, raise_exception, strftime_now) match
+transformers' chat-template environment so templates render exactly as they do there.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime
+from typing import Any
+
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator
+from jinja2.exceptions import SecurityError, TemplateError as JinjaTemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
+
+from ..errors import TemplateError
+
+MAX_OUTPUT_CHARS = 1_000_000
+MAX_LOOP_ITERATIONS = 1_000_000
+MAX_SECONDS = 5.0
+MAX_TEMPLATE_CHARS = 200_000
+_FORMAT_WIDTH = re.compile(r"%[-+ #0]*(\d+)")
+
+
+class _Budget:
+    """Per-render limits, reset by ChatTemplate.render."""
+
+    def __init__(self, max_output: int):
+        self.max_output = max_output
+        self.iterations = 0
+        self.deadline = time.monotonic() + MAX_SECONDS
+
+    def check_size(self, value: Any, what: str) -> Any:
+        if hasattr(value, "__len__") and len(value) > self.max_output:
+            raise TemplateError(f"chat template {what} exceeds {self.max_output} characters")
+        return value
+
+    def tick(self) -> None:
+        self.iterations += 1
+        if self.iterations > MAX_LOOP_ITERATIONS:
+            raise TemplateError(f"chat template runs more than {MAX_LOOP_ITERATIONS} loop iterations")
+        if self.iterations % 1024 == 0 and time.monotonic() > self.deadline:
+            raise TemplateError(f"chat template took longer than {MAX_SECONDS} s to render")
+
+
+class _CodeGenerator(CodeGenerator):
+    def visit_Concat(self, node, frame):  # `a ~ b`: bound the joined string
+        self.write("environment.lf_checked(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+class _Namespace(Namespace):
+    """namespace() whose attributes cannot hold oversized values (blocks `ns.s = ns.s ~ ns.s` doubling)."""
+
+    def __setitem__(self, name, value):
+        env = _Namespace.env
+        if env is not None and env.lf_budget is not None:
+            env.lf_budget.check_size(value, "namespace value")
+        super().__setitem__(name, value)
+
+    env = None
+
+
+class SandboxEnvironment(ImmutableSandboxedEnvironment):
+    code_generator_class = _CodeGenerator
+    intercepted_binops = frozenset(["*", "**", "+", "%", "//"])
+
+    def __init__(self, max_output: int = MAX_OUTPUT_CHARS):
+        from jinja2.ext import loopcontrols
+
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        self.max_output = max_output
+        self.lf_budget: _Budget | None = None
+        self.filters["tojson"] = _tojson
+        for name in ("center", "indent", "format", "replace", "join", "wordwrap"):
+            self.filters[name] = self._bounded_filter(self.filters[name], name)
+        self.globals["raise_exception"] = _raise_exception
+        self.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.globals["lf_loop_guard"] = self._loop_guard
+        self.globals["namespace"] = _Namespace
+
+    # -- sandbox hooks --
+    def unsafe_undefined(self, obj, attribute):
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context, operator, left, right):
+        budget = self.lf_budget
+        if operator == "**" and isinstance(right, (int, float)) and isinstance(left, (int, float)):
+            bits = max(1, abs(int(left)).bit_length())
+            if abs(right) > 4096 or bits * abs(right) > 65536:
+                raise TemplateError("chat template exponent too large")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self.max_output:
+                    raise TemplateError(f"chat template repetition exceeds {self.max_output} items")
+        if operator == "%" and isinstance(left, str):
+            widths = [int(w) for w in _FORMAT_WIDTH.findall(left)]
+            if widths and max(widths) > self.max_output:
+                raise TemplateError("chat template format width too large")
+        result = super().call_binop(context, operator, left, right)
+        if budget is not None and isinstance(result, (str, list, tuple)):
+            budget.check_size(result, "value")
+        return result
+
+    def lf_checked(self, value):
+        if self.lf_budget is not None:
+            self.lf_budget.check_size(value, "string")
+        return value
+
+    def _loop_guard(self, iterable):
+        budget = self.lf_budget
+        for item in iterable:
+            if budget is not None:
+                budget.tick()
+            yield item
+
+    def _bounded_filter(self, fn, name):
+        def bounded(*args, **kwargs):
+            for a in list(args[1:]) + list(kwargs.values()):
+                if isinstance(a, int) and a > self.max_output:
+                    raise TemplateError(f"chat template filter {name!r} argument too large")
+            out = fn(*args, **kwargs)
+            return self.lf_checked(out)
+        # keep jinja's pass_eval_context / pass_environment markers
+        for attr in ("jinja_pass_arg",):
+            if hasattr(fn, attr):
+                setattr(bounded, attr, getattr(fn, attr))
+        return bounded
+
+    def _parse(self, source, name, filename):
+        tree = super()._parse(source, name, filename)
+        # Route every for-loop through the iteration budget.
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Call(nodes.Name("lf_loop_guard", "load"), [loop.iter], [], None, None,
+                                   lineno=loop.lineno)
+        return tree
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson: no HTML escaping, unicode kept.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message):
+    raise TemplateError(f"chat template error: {message}")
+
+
+class ChatTemplate:
+    """A compiled, sandboxed chat template. `render(**context)` returns text or raises TemplateError."""
+
+    def __init__(self, source: str, max_output: int = MAX_OUTPUT_CHARS):
+        if not isinstance(source, str) or not source.strip():
+            raise TemplateError("chat template is empty")
+        if len(source) > MAX_TEMPLATE_CHARS:
+            raise TemplateError(f"chat template is longer than {MAX_TEMPLATE_CHARS} characters")
+        self.source = source
+        self.env = SandboxEnvironment(max_output)
+        try:
+            self.template = self.env.from_string(source)
+        except JinjaTemplateError as e:
+            raise TemplateError(f"chat template does not compile: {e}") from None
+        except RecursionError:
+            raise TemplateError("chat template is nested too deeply") from None
+
+    def render(self, **context) -> str:
+        env = self.env
+        env.lf_budget = _Budget(env.max_output)
+        _Namespace.env = env
+        out: list[str] = []
+        total = 0
+        try:
+            for chunk in self.template.generate(**context):
+                total += len(chunk)
+                if total > env.max_output:
+                    raise TemplateError(f"chat template output exceeds {env.max_output} characters")
+                out.append(chunk)
+        except TemplateError:
+            raise
+        except SecurityError as e:
+            raise TemplateError(f"chat template refused by the sandbox: {e}") from None
+        except JinjaTemplateError as e:
+            raise TemplateError(f"chat template failed: {e}") from None
+        except RecursionError:
+            raise TemplateError("chat template recursion too deep") from None
+        except MemoryError:
+            raise TemplateError("chat template exhausted memory") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError,
+                OverflowError) as e:
+            raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+        finally:
+            env.lf_budget = None
+        return "".join(out)
