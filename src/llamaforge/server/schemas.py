@@ -261,7 +261,7 @@ def _reject_constant(name: str):
 
 def _validation_to_api_error(e: ValidationError) -> ApiError:
     err = e.errors()[0]
-    loc = [str(p) for p in err.get("loc", ()) if not _is_union_branch(p)]
+    loc = [str(p) for p in err.get("loc", ()) if isinstance(p, int) or not _is_union_branch(p)]
     field = _dotted(loc)
     kind = err.get("type", "")
     if kind == "missing":
