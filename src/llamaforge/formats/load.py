@@ -149,12 +149,12 @@ def _gguf_tokenizer(meta: dict, path: Path):
         return fn(meta)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
 
 
 def _dir_tokenizer(path: Path):
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-        return None
+        return None  # weights-only directory (e.g. a test model): no tokenizer rather than an error
     try:
         from ..tokenizer.load import load_tokenizer
     except ImportError:
