@@ -40,14 +40,14 @@ class Tokenizer(abc.ABC):
         """Decode ids; invalid UTF-8 sequences become U+FFFD.
 
         skip_special=False renders control tokens as their text (e.g. "<|im_end|>"). The first token that
-        produces text goes through `first_token_bytes` (SentencePiece drops its dummy-prefix space there), the
+        produces text (control tokens aside) goes through `first_token_bytes` (SentencePiece drops its dummy-prefix space there), the
         same rule the stream decoder applies, so streamed deltas always join to this result.
         """
         out = []
         first = True
         for i in ids:
             data = self.output_bytes(i, skip_special=skip_special)
-            if first and data:
+            if first and data and not self.is_special(i):
                 data = self.first_token_bytes(data)
                 first = False
             out.append(data)
@@ -112,7 +112,7 @@ class StreamDecoder:
 
     def feed(self, token_id: int) -> str:
         data = self.tokenizer.output_bytes(token_id, skip_special=self.skip_special)
-        if self._first and data:
+        if self._first and data and not self.tokenizer.is_special(token_id):
             data = self.tokenizer.first_token_bytes(data)
             self._first = False
         return self._utf8.decode(data)

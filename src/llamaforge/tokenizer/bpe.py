@@ -56,5 +56,5 @@ class ByteLevelBPETokenizer(FragmentTokenizer):
                 table.append(piece_to_bytes(t))
         self._setup(token_bytes=table, control=control, always=user_defined, **setup)
 
-    def _encode_fragment(self, text: str) -> list[int]:
+    def _encode_fragment(self, text: str, prefix: bool = True) -> list[int]:
         return self._tk.encode(text, add_special_tokens=False).ids

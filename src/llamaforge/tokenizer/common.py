@@ -45,7 +45,8 @@ class FragmentTokenizer(Tokenizer):
         self._special_id_cache = None
         self._special_rev_cache = None
 
-    def _encode_fragment(self, text: str) -> list[int]:  # pragma: no cover - abstract
+    def _encode_fragment(self, text: str, prefix: bool = True) -> list[int]:  # pragma: no cover - abstract
+        """Encode plain text. prefix=False: the text continues earlier text (no SentencePiece dummy prefix)."""
         raise NotImplementedError
 
     def encode(self, text: str | bytes, *, add_special: bool = False, allow_special: bool = False) -> list[int]:
@@ -53,18 +54,33 @@ class FragmentTokenizer(Tokenizer):
 
         Lone surrogates become U+FFFD. Control-token text becomes the control id only with allow_special=True.
         """
-        text = clean_text(text)
-        ids: list[int] = []
+        ids = self.encode_pieces([(text, allow_special)])[0]
         if add_special and self.add_bos:
-            ids.append(self.bos_id)
-        for part in self._splitter.split(text, allow_special):
-            if isinstance(part, int):
-                ids.append(part)
-            else:
-                ids.extend(self._encode_fragment(part))
+            ids.insert(0, self.bos_id)
         if add_special and self.add_eos:
             ids.append(self.eos_id)
         return ids
+
+    def encode_pieces(self, pieces) -> list[list[int]]:
+        """Encode consecutive pieces of one text, each with its own allow_special flag; ids per piece.
+
+        Chat formats use this to let a template's own structure contain control tokens while message content
+        cannot. A piece continues the previous one (no new SentencePiece dummy prefix) unless it starts the
+        text or follows a special token.
+        """
+        out: list[list[int]] = []
+        fresh = True  # at the start of the text or right after a special token
+        for text, allow_special in pieces:
+            ids: list[int] = []
+            for part in self._splitter.split(clean_text(text), allow_special):
+                if isinstance(part, int):
+                    ids.append(part)
+                    fresh = True
+                else:
+                    ids.extend(self._encode_fragment(part, fresh))
+                    fresh = False
+            out.append(ids)
+        return out
 
     def token_bytes(self, token_id: int) -> bytes:
         token_id = int(token_id)

@@ -158,5 +158,5 @@ class HFTokenizer(FragmentTokenizer):
         gen = _read_json(path.parent / "generation_config.json", required=False)
         return cls(spec, config, gen, source=str(path))
 
-    def _encode_fragment(self, text: str) -> list[int]:
+    def _encode_fragment(self, text: str, prefix: bool = True) -> list[int]:
         return self._tk.encode(text, add_special_tokens=False).ids

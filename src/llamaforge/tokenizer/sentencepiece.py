@@ -25,6 +25,8 @@ class SentencePieceTokenizer(FragmentTokenizer):
     def __init__(self, processor: spm.SentencePieceProcessor, *, bos_id=None, eos_id=None, add_bos=None,
                  add_eos=False, chat_template=None, source: str = "sentencepiece"):
         self._sp = processor
+        self._sp_cont = None
+        self._proto = b""
         self.source = source
         n = processor.get_piece_size()
         table: list[bytes] = []
@@ -62,10 +64,20 @@ class SentencePieceTokenizer(FragmentTokenizer):
             sp.LoadFromSerializedProto(data)
         except (RuntimeError, OSError, ValueError) as e:
             raise TokenizerError(f"invalid SentencePiece model: {e}") from None
-        return cls(sp, **kw)
+        tok = cls(sp, **kw)
+        tok._proto = bytes(data)
+        return tok
 
-    def _encode_fragment(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+    def _encode_fragment(self, text: str, prefix: bool = True) -> list[int]:
+        if prefix or not self.strip_leading_space:
+            return self._sp.encode(text)
+        if self._sp_cont is None:
+            # Same model with normalizer_spec.add_dummy_prefix = false: protobuf merges a repeated embedded
+            # message field, so appending {3: {3: 0}} to the serialized ModelProto overrides just that flag.
+            sp = spm.SentencePieceProcessor()
+            sp.LoadFromSerializedProto(self._proto + b"\x1a\x02\x18\x00")
+            self._sp_cont = sp
+        return self._sp_cont.encode(text)
 
 
 def _byte_value(piece: str) -> int:

@@ -92,7 +92,7 @@ class TiktokenTokenizer(FragmentTokenizer):
     def from_file(cls, path, **kw) -> "TiktokenTokenizer":
         return cls(read_ranks(Path(path).read_bytes(), str(path)), **kw)
 
-    def _encode_fragment(self, text: str) -> list[int]:
+    def _encode_fragment(self, text: str, prefix: bool = True) -> list[int]:
         ids: list[int] = []
         for i in range(0, len(text), MAX_ENCODE_CHARS):
             for piece in split_long_runs(text[i:i + MAX_ENCODE_CHARS]):
