@@ -218,6 +218,18 @@ def preference_messages(rec: Any) -> tuple[list[dict], list[dict], list[dict]]:
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizing
 
+def pretokenized(rec: dict) -> tuple[list[int], list[bool]]:
+    """{"input_ids": [...], "mask": [...]} (mask optional: learn every token) -> (ids, mask)."""
+    ids, mask = rec["input_ids"], rec.get("mask")
+    if not isinstance(ids, list) or len(ids) < 2 or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise _BadRecord("'input_ids' must be a list of at least 2 non-negative integers")
+    if mask is None:
+        mask = [True] * len(ids)
+    if not isinstance(mask, list) or len(mask) != len(ids) or not all(isinstance(m, (bool, int)) for m in mask):
+        raise _BadRecord("'mask' must be a list of booleans as long as 'input_ids'")
+    return list(ids), [bool(m) for m in mask]
+
+
 def _encode(chat_format, messages) -> tuple[list[int], list[bool]]:
     ids, mask = chat_format.encode_with_mask(messages)
     ids, mask = [int(i) for i in ids], [bool(m) for m in mask]
@@ -240,6 +252,7 @@ def load_dataset(path, chat_format, *, kind: str = "sft", max_seq_len: int = 204
                  report: DataReport | None = None) -> list[Example]:
     """Read and tokenize a training file. kind: "sft" or "preference".
 
+    SFT records may also be pre-tokenized: {"input_ids": [...], "mask": [...]}.
     Records with invalid JSON, missing fields, unknown roles, empty assistant turns, or more than max_seq_len
     tokens raise DatasetError(path, line), or are skipped and counted in `report` when skip_bad is set.
     """
@@ -253,7 +266,10 @@ def load_dataset(path, chat_format, *, kind: str = "sft", max_seq_len: int = 204
         try:
             if err is not None:
                 raise _BadRecord(err)
-            if kind == "sft":
+            if kind == "sft" and isinstance(rec, dict) and "input_ids" in rec:
+                ids, mask = pretokenized(rec)
+                n, rej = len(ids), None
+            elif kind == "sft":
                 ids, mask = _encode(chat_format, sft_messages(rec))
                 n, rej = len(ids), None
             else:

@@ -85,7 +85,7 @@ class Strategy:
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def save_final(self, model: nn.Module, out: Path, lm) -> Path:
-        return save_full_model(model, out, lm)
+        return save_full_model(model, Path(out) / "model", lm)
 
 
 class LoraStrategy(Strategy):
@@ -158,9 +158,11 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def save_full_model(model: nn.Module, out: Path, lm) -> Path:
-    """Save a full model as a Hugging Face directory (config.json + safetensors, tokenizer files when known)."""
+    """Save a full model as a Hugging Face directory (config.json + safetensors, tokenizer files when known).
+
+    `out` is replaced as a whole (written under a temporary name, then renamed).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -175,6 +177,7 @@ def save_full_model(model: nn.Module, out: Path, lm) -> Path:
         return out
     # Minimal writer while formats.safetensors is unavailable: same file names HF uses.
     from safetensors.torch import save
+    out.mkdir(parents=True, exist_ok=True)
     from .lora import _atomic_write_bytes
     _atomic_write_bytes(out / "model.safetensors", save(sd, metadata={"format": "pt"}))
     cfg = model.config.to_hf_config()

@@ -22,7 +22,7 @@ import torch
 from ..errors import InvalidRequestError
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import DataReport, Example, load_dataset, pack_examples, split_eval
+from .data import DataReport, DatasetError, Example, load_dataset, pack_examples, split_eval
 from .strategies import Strategy, make_strategy
 
 
@@ -140,10 +140,16 @@ class Trainer:
         if self._examples is not None:
             examples = list(self._examples)
         else:
-            chat = self._chat_format or _chat_format(lm)
+            chat = self._chat_format or _LazyChatFormat(lm)
             kind = "preference" if self.strategy.kind == "preference" else "sft"
             examples = load_dataset(cfg.data, chat, kind=kind, max_seq_len=cfg.max_seq_len,
                                     skip_bad=cfg.skip_bad, report=self.report)
+        vocab = self.model.config.vocab_size
+        for e in examples:
+            if max(e.ids + (e.rejected_ids or [])) >= vocab:
+                raise DatasetError(cfg.data or "<examples>", e.line,
+                                   f"token id {max(e.ids + (e.rejected_ids or []))} is outside the model's "
+                                   f"vocabulary (size {vocab})")
         self.train_set, self.eval_set = split_eval(examples, cfg.eval_split, cfg.seed)
         if cfg.packing and self.strategy.kind == "sft":
             self.train_set = pack_examples(self.train_set, cfg.max_seq_len)
@@ -329,12 +335,21 @@ class Trainer:
             d.close()
 
 
-def _chat_format(lm):
-    tok = getattr(lm, "tokenizer", None)
-    if tok is None:
-        raise InvalidRequestError("the model has no tokenizer, so text data cannot be encoded for it")
-    from ..tokenizer.chat import chat_format_for
-    return chat_format_for(tok)
+class _LazyChatFormat:
+    """The model's chat format, resolved on the first text record (pre-tokenized data needs none)."""
+
+    def __init__(self, lm):
+        self.lm, self._fmt = lm, None
+
+    def encode_with_mask(self, messages):
+        if self._fmt is None:
+            tok = getattr(self.lm, "tokenizer", None)
+            if tok is None:
+                raise InvalidRequestError("the model has no tokenizer, so text data cannot be encoded for it; "
+                                          "use pre-tokenized records ({\"input_ids\": [...], \"mask\": [...]})")
+            from ..tokenizer.chat import chat_format_for
+            self._fmt = chat_format_for(tok)
+        return self._fmt.encode_with_mask(messages)
 
 
 def _progress(total: int, start: int, enabled: bool):
