@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -86,73 +87,136 @@ def gguf_tokenizer_to_hf(gguf_path: Path) -> dict:
         return {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
 
 
+# GGUF token types (llama.cpp `llama_token_type`).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
 def hf_tokenizer_to_gguf(src: Path, vocab_size: int | None = None) -> tuple[dict | None, dict | None]:
     """(`tokenizer.*` metadata, value types) for an HF directory's tokenizer; (None, None) if it has none.
 
-    The token list is padded to `vocab_size` (the embedding rows) with unused `[PAD<i>]` entries, as llama.cpp's
-    converter does, because GGUF readers expect one token per embedding row."""
+    tokenizer.json with byte-level BPE -> GGUF "gpt2" (tokens, types, merges); tokenizer.json with byte-fallback
+    BPE (SentencePiece converted by HF) -> GGUF "llama" with scores = -(merge rank), which keeps SentencePiece's
+    merge order; a tokenizer.model -> GGUF "llama" with its own scores. The token list is cut or padded to
+    `vocab_size` (the embedding rows): GGUF readers expect exactly one token per row.
+    """
     from gguf.vocab import SpecialVocab
     tj = src / "tokenizer.json"
-    meta: dict = {}
     if tj.is_file():
         data = json.loads(tj.read_text(encoding="utf-8"))
         model = data.get("model") or {}
-        if model.get("type") != "BPE" or model.get("byte_fallback"):
-            if not (src / "tokenizer.model").is_file():
-                _warn(f"tokenizer.json model type {model.get('type')!r} is not byte-level BPE; "
-                      "the GGUF gets no vocabulary")
-                return None, None
-            return _spm_tokenizer(src, vocab_size)
-        vocab = dict(model.get("vocab") or {})
-        added = {t["content"]: t for t in data.get("added_tokens") or []}
-        for content, t in added.items():
-            vocab.setdefault(content, t["id"])
-        n = max(max(vocab.values()) + 1 if vocab else 0, vocab_size or 0)
-        tokens = [f"[PAD{i}]" for i in range(n)]
-        types = [5] * n   # UNUSED until filled
+        if model.get("type") != "BPE":
+            if (src / "tokenizer.model").is_file():
+                return _spm_model_tokenizer(src, vocab_size)
+            _warn(f"tokenizer.json model type {model.get('type')!r} has no GGUF equivalent here; "
+                  "the GGUF gets no vocabulary")
+            return None, None
+        spm_like = bool(model.get("byte_fallback"))
+        vocab = {str(k): int(v) for k, v in (model.get("vocab") or {}).items()}
+        added = {int(t["id"]): t for t in data.get("added_tokens") or []}
+        for i, t in added.items():
+            vocab.setdefault(t["content"], i)
+        n = max(vocab.values()) + 1 if vocab else 0
+        if vocab_size is not None and n > vocab_size:
+            dropped = sorted(i for i in vocab.values() if i >= vocab_size)
+            _warn(f"dropping {len(dropped)} tokenizer entries beyond the model's {vocab_size} embedding rows")
+        n = vocab_size if vocab_size is not None else n
+        tokens, types = [f"[PAD{i}]" for i in range(n)], [UNUSED] * n
         for text, i in vocab.items():
-            tokens[i] = text
-            types[i] = 1  # NORMAL
-        for content, t in added.items():
-            types[t["id"]] = 3 if t.get("special") else 4   # CONTROL / USER_DEFINED
-        meta["tokenizer.ggml.model"] = "gpt2"
-        meta["tokenizer.ggml.pre"] = _pre_tokenizer_name(data)
-        meta["tokenizer.ggml.tokens"] = tokens
-        meta["tokenizer.ggml.token_type"] = types
-    elif (src / "tokenizer.model").is_file():
-        return _spm_tokenizer(src, vocab_size)
-    else:
-        return None, None
-    sv = SpecialVocab(src, load_merges=True, n_vocab=len(meta["tokenizer.ggml.tokens"]))
-    _special_keys(meta, sv)
-    if sv.merges:
-        meta["tokenizer.ggml.merges"] = list(sv.merges)
-    return meta, None
+            if i < n:
+                tokens[i], types[i] = text, NORMAL
+        unk = model.get("unk_token")
+        for i, t in added.items():
+            if i < n:
+                types[i] = CONTROL if t.get("special") else USER_DEFINED
+        merges = _merges(model)
+        meta: dict = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+        if spm_like:
+            # Score = -(rank of the merge that makes the token): SentencePiece merges highest score first.
+            scores = [0.0] * n
+            for rank, (a, b) in enumerate(merges):
+                i = vocab.get(a + b)
+                if i is not None and i < n and scores[i] == 0.0:
+                    scores[i] = -float(rank + 1)
+            for i in range(n):
+                if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", tokens[i]) and types[i] == NORMAL:
+                    types[i] = BYTE
+                if types[i] in (CONTROL, USER_DEFINED, UNUSED):
+                    scores[i] = -1000.0
+            unk_id = vocab.get(unk or _special_name(src, "unk_token") or "")
+            if unk_id is not None and unk_id < n:
+                types[unk_id] = UNKNOWN
+            meta.update({"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+                         "tokenizer.ggml.scores": scores})
+        else:
+            meta.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": _pre_tokenizer_name(data),
+                         "tokenizer.ggml.merges": [f"{a} {b}" for a, b in merges]})
+        _special_keys(meta, SpecialVocab(src, load_merges=False, n_vocab=n))
+        return meta, None
+    if (src / "tokenizer.model").is_file():
+        return _spm_model_tokenizer(src, vocab_size)
+    return None, None
 
 
-def _spm_tokenizer(src: Path, vocab_size: int | None = None):
+def _special_name(src: Path, key: str) -> str | None:
+    """Text of a special token named in tokenizer_config.json (e.g. unk_token), if any."""
+    try:
+        name = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    name = name.get("content") if isinstance(name, dict) else name
+    return name if isinstance(name, str) else None
+
+
+def _merges(model: dict) -> list[tuple[str, str]]:
+    """tokenizer.json merges, either "a b" strings (older files) or [a, b] pairs (newer files)."""
+    out = []
+    for m in model.get("merges") or []:
+        if isinstance(m, str):
+            a, _, b = m.partition(" ")
+        else:
+            a, b = m
+        out.append((a, b))
+    return out
+
+
+def _spm_model_tokenizer(src: Path, vocab_size: int | None = None):
     from gguf.vocab import SentencePieceVocab, SpecialVocab
-    v = SentencePieceVocab(src)
+    try:
+        v = SentencePieceVocab(src)
+    except Exception as e:   # e.g. a Llama 3 tiktoken file named tokenizer.model
+        _warn(f"tokenizer.model is not a SentencePiece model ({type(e).__name__}); the GGUF gets no vocabulary")
+        return None, None
     tokens, scores, types = [], [], []
     for text, score, ttype in v.all_tokens():
         tokens.append(text.decode("utf-8", errors="replace"))
         scores.append(float(score))
         types.append(int(ttype))
-    for i in range(len(tokens), vocab_size or 0):
+    n = vocab_size if vocab_size is not None else len(tokens)
+    if len(tokens) > n:
+        _warn(f"dropping {len(tokens) - n} tokenizer entries beyond the model's {n} embedding rows")
+    tokens, scores, types = tokens[:n], scores[:n], types[:n]
+    for i in range(len(tokens), n):
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
-        types.append(5)   # UNUSED
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": types}
-    _special_keys(meta, SpecialVocab(src, load_merges=False, n_vocab=len(tokens)))
+        types.append(UNUSED)
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types}
+    _special_keys(meta, SpecialVocab(src, load_merges=False, n_vocab=n))
     return meta, None
 
 
 def _special_keys(meta: dict, sv) -> None:
+    """Special token ids, add-BOS/EOS flags and the chat template found by gguf's SpecialVocab."""
+    from gguf import Keys
+    k = Keys.Tokenizer
+    id_keys = {"bos": k.BOS_ID, "eos": k.EOS_ID, "unk": k.UNK_ID, "sep": k.SEP_ID, "pad": k.PAD_ID,
+               "mask": k.MASK_ID}
     for typ, tid in sv.special_token_ids.items():
-        meta[f"tokenizer.ggml.{typ}_token_id"] = int(tid)
+        if typ in id_keys:
+            meta[id_keys[typ]] = int(tid)
     for typ, on in sv.add_special_token.items():
-        meta[f"tokenizer.ggml.add_{typ}_token"] = bool(on)
+        if typ in ("bos", "eos"):
+            meta[k.ADD_BOS if typ == "bos" else k.ADD_EOS] = bool(on)
     if isinstance(sv.chat_template, str):
         meta["tokenizer.chat_template"] = sv.chat_template
 
