@@ -15,9 +15,16 @@ import torch
 
 from conftest import make_tiny_hf
 from llamaforge.errors import ModelFormatError
-from llamaforge.formats.load import load_model
+from llamaforge.formats.load import load_model as _load_model
 from llamaforge.formats.meta import save_meta
 from llamaforge.formats.safetensors import validate_safetensors
+
+
+def load_model(path, **kw):
+    """float32 reference weights: an explicit dtype keeps any default in-memory quantization out of the checks."""
+    kw.setdefault("dtype", torch.float32)
+    return _load_model(path, **kw)
+
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,10 +10,17 @@ import torch
 from conftest import TINY_VARIANTS, make_tiny_hf
 from llamaforge.errors import ModelFormatError
 from llamaforge.formats.gguf import read_gguf, write_gguf
-from llamaforge.formats.load import load_model
+from llamaforge.formats.load import load_model as _load_model
 from llamaforge.formats.meta import save_meta
 from llamaforge.formats.safetensors import save_hf
 from llamaforge.model.rope import permute_qk
+
+
+def load_model(path, **kw):
+    """float32 reference weights: an explicit dtype keeps any default in-memory quantization out of the checks."""
+    kw.setdefault("dtype", torch.float32)
+    return _load_model(path, **kw)
+
 
 IDS = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(7))
 # GGUF file types and the max abs logit error we accept against the float32 reference (logits are ~1 in size).
@@ -245,3 +252,30 @@ def test_k_quant_tensors_routed_to_the_right_decoder(tmp_path, qtype):
     assert got.shape == (3, 2 * block)
     assert torch.equal(got, want)
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("embed_split", [0, 1])
+def test_meta_model_parallel_shards_are_merged(tmp_path, embed_split):
+    """Two consolidated.*.pth shards split like Meta's Column/RowParallel layers load as one model."""
+    ref = make_tiny_hf("llama2")
+    ref.save_pretrained(tmp_path / "hf")
+    lm = load_model(tmp_path / "hf")
+    d = save_meta(tmp_path / "meta", lm.config, lm.model.state_dict())
+    full = torch.load(d / "consolidated.00.pth", weights_only=True)
+    shards = [{}, {}]
+    for name, t in full.items():
+        if "norm" in name:
+            dim = None
+        elif name == "tok_embeddings.weight":
+            dim = embed_split        # Llama 2 split the width (1), Llama 3 the vocabulary (0)
+        elif any(k in name for k in ("attention.wo", "feed_forward.w2")):
+            dim = 1
+        else:
+            dim = 0
+        parts = [t, t] if dim is None else list(t.chunk(2, dim=dim))
+        for s, p in zip(shards, parts):
+            s[name] = p.clone()
+    for i, s in enumerate(shards):
+        torch.save(s, d / f"consolidated.{i:02d}.pth")
+    back = load_model(d)
+    assert (logits(back.model) - logits(ref)).abs().max().item() <= 1e-5

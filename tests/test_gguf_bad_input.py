@@ -7,10 +7,18 @@ import time
 import tracemalloc
 
 import pytest
+import torch
 
 from llamaforge.errors import ModelFormatError
 from llamaforge.formats.gguf import read_gguf
-from llamaforge.formats.load import load_model
+from llamaforge.formats.load import load_model as _load_model
+
+
+def load_model(path, **kw):
+    """float32 reference weights: an explicit dtype keeps any default in-memory quantization out of the checks."""
+    kw.setdefault("dtype", torch.float32)
+    return _load_model(path, **kw)
+
 
 U8, I32, U32, F32, BOOL, STR, ARR, U64 = 0, 5, 4, 6, 7, 8, 9, 10
 HUGE = 2**60

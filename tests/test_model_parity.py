@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from conftest import TINY_VARIANTS, make_tiny_hf
-from llamaforge.formats.load import load_model
+from llamaforge.formats.load import load_model as _load_model
+
+
+def load_model(path, **kw):
+    """float32 reference weights: an explicit dtype keeps any default in-memory quantization out of the checks."""
+    kw.setdefault("dtype", torch.float32)
+    return _load_model(path, **kw)
+
 
 # The SmolLM2 chat template applied to a user question (72 ids, from transformers' tokenizer of the same GGUF),
 # fixed here so this test does not depend on our tokenizer.

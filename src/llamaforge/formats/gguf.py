@@ -99,7 +99,8 @@ class GGUFFile:
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
             if self._mm.shape[0] != self.file_size:
                 raise self._error("file changed size while being read")
-        return self._mm[info.offset:info.offset + info.nbytes]
+        # A plain ndarray view: numpy's memmap subclass costs a Python call per slice in gguf's dequantizers.
+        return self._mm[info.offset:info.offset + info.nbytes].view(np.ndarray)
 
     def _info(self, name: str) -> TensorInfo:
         try:
@@ -112,19 +113,20 @@ class GGUFFile:
         info = self._info(name)
         raw = self.raw(name)
         tname = info.type_name
+        # Each branch makes exactly one new float array (the map itself is read-only and must not be aliased).
         if tname == "F32":
-            arr = raw.view("<f4")
+            arr = np.array(raw.view("<f4"))
         elif tname == "F16":
-            arr = raw.view("<f2")
+            arr = raw.view("<f2").astype(np.float32)
         elif tname == "BF16":
-            # bfloat16 is the high half of a float32: widen by shifting (no numpy bfloat16 dtype).
+            # bfloat16 is the high half of a float32: widen by shifting (numpy has no bfloat16 dtype).
             arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
         else:
             from gguf import GGMLQuantizationType
             from gguf.quants import dequantize
             rows = raw.reshape(-1, info.nbytes // max(1, info.numel // info.shape[-1]))
             arr = dequantize(rows, GGMLQuantizationType(info.ggml_type))
-        t = torch.from_numpy(np.array(arr, copy=True)).reshape(info.shape)
+        t = torch.from_numpy(arr).reshape(info.shape)
         return t.to(dtype)
 
     def close(self) -> None:
