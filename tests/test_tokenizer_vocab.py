@@ -77,8 +77,10 @@ def test_smollm2_matches_llama_cpp_recorded_ids(smol):
         assert needle in texts  # the corpus covers what the issue asks for
     bad = [(c["text"], c["ids"], smol.encode(c["text"])) for c in cases if smol.encode(c["text"]) != c["ids"]]
     assert not bad, bad[:3]
+    lossy = ("\x04", "\U00040000")  # bytes without a token in this vocabulary: dropped, as llama.cpp does
     for c in cases:
-        assert smol.decode(c["ids"]) == c["text"]
+        if not any(ch in c["text"] for ch in lossy):
+            assert smol.decode(c["ids"]) == c["text"]
 
 
 def test_smollm2_metadata(smol):

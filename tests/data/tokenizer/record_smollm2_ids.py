@@ -46,6 +46,8 @@ CORPUS = [
     "",
     " ",
     "\t",
+    # Bytes the vocabulary lacks (0x04, 0xF1 of U+40000): llama.cpp drops them; so must we.
+    "a\x04b \U00040000 \x7f \U0010ffff",
 ]
 
 
