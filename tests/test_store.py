@@ -294,8 +294,13 @@ def test_cleanup_keeps_temp_files_of_live_writers(tmp_path):
     other = s.blobs / "unrelated.partial"
     for p in (mine, dead, other):
         p.write_bytes(b"x")
+    dead_download = s.root / ".download.999999999.abc"
+    (dead_download / "sub").mkdir(parents=True)
+    live_download = s.root / f".download.{os.getpid()}.abc"
+    live_download.mkdir()
     Store(s.root)
     assert mine.exists() and other.exists() and not dead.exists()
+    assert live_download.exists() and not dead_download.exists()
 
 
 def _enospc(*a, **k):
@@ -382,6 +387,9 @@ def test_create_sets_defaults_and_load_sees_them(tmp_path):
     assert ids["me/pirate:copy"] == ids["pirate:latest"] != ids["base:latest"]
     s.remove("pirate")
     assert llamaforge.load("me/pirate:copy").defaults["system"] == "Talk like a pirate."
+    # --from a file copies it in (content-addressed: the same blob as "base").
+    s.create("from-file", str(tmp_path / "t.gguf"), system="From a file.")
+    assert s.resolve("from-file").path == s.resolve("base").path
 
 
 @pytest.mark.parametrize("params, match", [
@@ -422,3 +430,23 @@ def test_create_with_adapter_stores_it_in_blobs(tmp_path):
     assert {e.name: e.size for e in s.list()}["with-adapter:latest"] > r.path.stat().st_size
     s.remove("with-adapter")
     assert not any(s.blobs.iterdir())
+
+
+def test_created_adapter_is_applied_by_load(tmp_path):
+    """`create --adapter` + `llamaforge.load` gives the logits of PEFT's own adapted model."""
+    from peft import LoraConfig, get_peft_model
+    base = tiny_hf_dir(tmp_path / "base", variant="llama31")
+    torch.manual_seed(3)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    s = Store()
+    s.pull(tmp_path / "base", "base")
+    s.create("tuned", "base", adapter=tmp_path / "adapter")
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        want = peft_model(ids).logits
+        plain = llamaforge.load("base").model(ids)
+        got = llamaforge.load("tuned").model(ids)
+    assert (plain - want).abs().max() > 1e-3       # the adapter matters
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -292,6 +292,13 @@ class Store:
         """Remove temp files/dirs of writers that died (or that are over a day old). Returns what was removed."""
         removed = []
         now = time.time()
+        # Hugging Face downloads in progress: `.download.<pid>.<random>` directories at the top.
+        if self.root.is_dir():
+            for p in self.root.glob(".download.*"):
+                m = re.match(r"\.download\.(\d+)\.", p.name)
+                if m and not _pid_alive(int(m.group(1))):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
         for top in (self.manifests, self.blobs, self.trees):
             if not top.is_dir():
                 continue
@@ -590,7 +597,7 @@ class Store:
                 return self.pull_hf(m.group(1), name, revision=revision, progress=progress)
             raise StoreError(f"cannot pull {source!r}: no such file or directory (and not a Hugging Face repo id "
                              "like owner/name)")
-        n = n or parse_name(default_name_for(src))
+        n = n or parse_name(default_name_for(src.resolve()))
         weights = self._import_source(src, digest=digest, progress=progress)
         man = {**weights, "defaults": _empty_defaults(), "source": str(src.resolve()), "created_at": _now()}
         self._write_manifest(n, man)
