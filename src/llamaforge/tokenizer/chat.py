@@ -2,8 +2,12 @@
 
 Built-ins: Llama 3 (header ids + <|eot_id|>, Meta's ChatFormat layout), ChatML (<|im_start|>/<|im_end|>) and
 Llama 2 ([INST] <<SYS>>, Meta's chat_completion layout). A model's own Jinja template is rendered in a bounded
-sandbox with each message content replaced by a sentinel; the template's text is then encoded with special
-tokens allowed and the real contents with special tokens disallowed.
+sandbox with each message content replaced by a sentinel.
+
+Encoding: a format yields parts, either its own structure text or a message content. Control-token text is
+recognised in structure parts only; the plain text between two control tokens (structure and content alike)
+is then encoded as one run with special tokens disallowed, exactly as a tokenizer encodes a rendered prompt,
+so ids match the model's training format while content can never produce a control id.
 
 `chat_format_for(tokenizer, template=None)`: an explicit template wins, then a built-in format recognised from
 the vocabulary and template, then the tokenizer's own Jinja template.
@@ -20,6 +24,68 @@ from .base import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 Segment = tuple[list[int], bool]  # (ids, trainable)
+Part = tuple[str, bool, bool]  # (text, is_content, trainable)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _split_structure(tok: Tokenizer, text: str) -> list[str | int]:
+    split = getattr(tok, "split_special", None)
+    if split is not None:
+        return split(text)
+    from .text import SpecialSplitter
+    return list(SpecialSplitter(tok.special_tokens).split(text, True))
+
+
+def encode_parts(tok: Tokenizer, parts: Sequence[Part], with_mask: bool = True) -> list[Segment]:
+    """Encode format parts: control tokens only from structure text; plain text between control tokens is
+    encoded as one run (special tokens disallowed). With with_mask, content tokens of trainable parts and a
+    stop token following such content are marked trainable (token ownership at run boundaries is decided by
+    re-encoding the run's prefixes: a token straddling a boundary belongs to the structure)."""
+    items: list = []  # int ids, or (text, is_content, trainable)
+    for text, is_content, trainable in parts:
+        if not text:
+            continue
+        if is_content:
+            items.append((text, True, trainable))
+        else:
+            items += [x if isinstance(x, int) else (x, False, False) for x in _split_structure(tok, text)]
+    segs: list[Segment] = []
+    stops = tok.stop_ids
+    pending_eot = False  # the last text run ended with trainable content
+    k = 0
+    while k < len(items):
+        if isinstance(items[k], int):
+            segs.append(([items[k]], pending_eot and items[k] in stops))
+            pending_eot = False
+            k += 1
+            continue
+        run = []
+        while k < len(items) and not isinstance(items[k], int):
+            run.append(items[k])
+            k += 1
+        text = "".join(t for t, _, _ in run)
+        ids = tok.encode(text)
+        if not with_mask or not any(tr for _, _, tr in run):
+            segs.append((ids, False))
+            pending_eot = False
+            continue
+        # Token boundaries of each piece inside the run, from the encodings of the run's prefixes.
+        cuts, pos = [0], 0
+        for t, _, _ in run[:-1]:
+            pos += len(t)
+            cuts.append(_common_prefix(tok.encode(text[:pos]), ids))
+        cuts.append(len(ids))
+        for (t, _, trainable), lo, hi in zip(run, cuts, cuts[1:]):
+            segs.append((ids[lo:max(lo, hi)], trainable))
+        last_trainable = max((i for i, (_, _, tr) in enumerate(run) if tr), default=-1)
+        pending_eot = last_trainable >= 0 and all(not t.strip() for t, _, _ in run[last_trainable + 1:])
+    return segs
 
 
 def _content(m: Any, i: int) -> tuple[str, str]:
@@ -55,15 +121,14 @@ class ChatFormat(abc.ABC):
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def _parts(self, msgs: list[tuple[str, str]], add_generation_prompt: bool) -> list[tuple[str, bool, bool]]:
-        """Ordered (text, is_control_token_text, trainable) parts; only control parts may yield control ids."""
+    def _parts(self, msgs: list[tuple[str, str]], add_generation_prompt: bool) -> list[Part]:
+        """Ordered (text, is_content, trainable) parts; trainable marks assistant content."""
         raise NotImplementedError
 
-    def _segments(self, msgs: list[tuple[str, str]], add_generation_prompt: bool) -> list[Segment]:
-        """Ordered (ids, trainable) pieces; trainable = assistant content and its end-of-turn token."""
-        parts = self._parts(msgs, add_generation_prompt)
-        encoded = self.tokenizer.encode_pieces([(text, control) for text, control, _ in parts])
-        return [(ids, trainable) for ids, (_, _, trainable) in zip(encoded, parts)]
+    def _segments(self, msgs: list[tuple[str, str]], add_generation_prompt: bool,
+                  with_mask: bool = True) -> list[Segment]:
+        """Ordered (ids, trainable) pieces; trainable = assistant content and the stop token right after it."""
+        return encode_parts(self.tokenizer, self._parts(msgs, add_generation_prompt), with_mask)
 
     @property
     def stop_ids(self) -> frozenset[int]:
@@ -71,7 +136,8 @@ class ChatFormat(abc.ABC):
 
     def encode(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Prompt ids for `messages`, ending with the assistant header when add_generation_prompt is True."""
-        return [i for ids, _ in self._segments(normalize_messages(messages), add_generation_prompt) for i in ids]
+        segs = self._segments(normalize_messages(messages), add_generation_prompt, with_mask=False)
+        return [i for ids, _ in segs for i in ids]
 
     def encode_with_mask(self, messages) -> tuple[list[int], list[bool]]:
         """(ids, mask) for training: mask is True on every assistant turn's content and end-of-turn token."""
@@ -104,18 +170,13 @@ class Llama3Format(ChatFormat):
         self.eot = self._special("<|eot_id|>")
         self.bos = tokenizer.special_tokens.get("<|begin_of_text|>", tokenizer.bos_id)
 
-    def _header(self, role: str) -> list[tuple[str, bool, bool]]:
-        return [("<|start_header_id|>", True, False), (role, False, False), ("<|end_header_id|>", True, False),
-                ("\n\n", False, False)]
-
     def _parts(self, msgs, add_generation_prompt):
-        parts = [(self.tokenizer.id_to_piece(self.bos), True, False)] if self.bos is not None else []
+        parts: list[Part] = [(self.tokenizer.id_to_piece(self.bos), False, False)] if self.bos is not None else []
         for role, content in msgs:
-            trainable = role == "assistant"
-            parts += self._header(role)
-            parts += [(content.strip(), False, trainable), ("<|eot_id|>", True, trainable)]
+            parts += [(f"<|start_header_id|>{role}<|end_header_id|>\n\n", False, False),
+                      (content.strip(), True, role == "assistant"), ("<|eot_id|>", False, False)]
         if add_generation_prompt:
-            parts += self._header("assistant")
+            parts.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False, False))
         return parts
 
     @property
@@ -137,13 +198,14 @@ class ChatMLFormat(ChatFormat):
         if self.default_system is not None and (not msgs or msgs[0][0] != "system"):
             msgs = [("system", self.default_system)] + msgs
         tok = self.tokenizer
-        parts = [(tok.id_to_piece(tok.bos_id), True, False)] if tok.add_bos and tok.bos_id is not None else []
+        parts: list[Part] = []
+        if tok.add_bos and tok.bos_id is not None:
+            parts.append((tok.id_to_piece(tok.bos_id), False, False))
         for role, content in msgs:
-            trainable = role == "assistant"
-            parts += [("<|im_start|>", True, False), (role + "\n", False, False), (content, False, trainable),
-                      ("<|im_end|>", True, trainable), ("\n", False, False)]
+            parts += [(f"<|im_start|>{role}\n", False, False), (content, True, role == "assistant"),
+                      ("<|im_end|>\n", False, False)]
         if add_generation_prompt:
-            parts += [("<|im_start|>", True, False), ("assistant\n", False, False)]
+            parts.append(("<|im_start|>assistant\n", False, False))
         return parts
 
     @property
@@ -163,7 +225,7 @@ class Llama2Format(ChatFormat):
         if tokenizer.bos_id is None or tokenizer.eos_id is None:
             raise TemplateError("the llama2 format needs BOS and EOS tokens")
 
-    def _segments(self, msgs, add_generation_prompt):
+    def _segments(self, msgs, add_generation_prompt, with_mask=True):
         if msgs and msgs[0][0] == "system":
             if len(msgs) == 1:
                 msgs = [("user", self.B_SYS + msgs[0][1] + self.E_SYS)]
@@ -180,10 +242,7 @@ class Llama2Format(ChatFormat):
             prompt = f"{self.B_INST} {user} {self.E_INST}"
             if k + 1 < len(msgs):
                 full = tok.encode(f"{prompt} {msgs[k + 1][1].strip()} ")
-                head = tok.encode(prompt)
-                n = 0  # the answer's tokens start where the two encodings part
-                while n < min(len(head), len(full)) and head[n] == full[n]:
-                    n += 1
+                n = _common_prefix(tok.encode(prompt), full)  # the answer starts where the encodings part
                 segs += [([bos] + full[:n], False), (full[n:] + [eos], True)]
             else:  # a trailing user turn is the prompt itself
                 segs.append(([bos] + tok.encode(prompt), False))
@@ -237,20 +296,9 @@ class JinjaChatFormat(ChatFormat):
         raise TemplateError("the chat template transforms message content in a way that cannot be encoded "
                             "safely (only trimming is supported)")
 
-    def _segments(self, msgs, add_generation_prompt):
-        pieces = self._pieces(msgs, add_generation_prompt)
-        encoded = self.tokenizer.encode_pieces([(text, idx is None) for text, idx in pieces])
-        stops = self.tokenizer.stop_ids
-        segs: list[Segment] = []
-        after_assistant = False
-        for (text, idx), ids in zip(pieces, encoded):
-            trainable = idx is not None and msgs[idx][0] == "assistant"
-            if idx is None and after_assistant and ids and ids[0] in stops:
-                segs += [([ids[0]], True), (ids[1:], False)]
-            else:
-                segs.append((ids, trainable))
-            after_assistant = trainable
-        return segs
+    def _parts(self, msgs, add_generation_prompt):
+        return [(text, idx is not None, idx is not None and msgs[idx][0] == "assistant")
+                for text, idx in self._pieces(msgs, add_generation_prompt)]
 
 
 def _default_system(tokenizer: Tokenizer, template: str | None) -> str | None:
