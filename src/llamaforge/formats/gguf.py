@@ -109,28 +109,41 @@ class GGUFFile:
             raise self._error(f"no tensor named {name!r}") from None
 
     def dequantize(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The tensor as a new torch tensor of `dtype`, shape `info.shape` (PyTorch order)."""
+        """The tensor as a new torch tensor of `dtype`, shape `info.shape` (PyTorch order).
+
+        Decoded in row chunks straight into the output, so the only full-size allocation is the result.
+        """
         info = self._info(name)
         raw = self.raw(name)
-        tname = info.type_name
-        # Each branch makes exactly one new float array (the map itself is read-only and must not be aliased).
-        if tname == "F32":
-            arr = np.array(raw.view("<f4"))
-        elif tname == "F16":
-            arr = raw.view("<f2").astype(np.float32)
-        elif tname == "BF16":
-            # bfloat16 is the high half of a float32: widen by shifting (numpy has no bfloat16 dtype).
-            arr = (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            from gguf import GGMLQuantizationType
-            from gguf.quants import dequantize
-            rows = raw.reshape(-1, info.nbytes // max(1, info.numel // info.shape[-1]))
-            arr = dequantize(rows, GGMLQuantizationType(info.ggml_type))
-        t = torch.from_numpy(arr).reshape(info.shape)
-        return t.to(dtype)
+        ncols = info.shape[-1]
+        nrows = info.numel // ncols
+        rows = raw.reshape(nrows, info.nbytes // nrows)
+        out = torch.empty((nrows, ncols), dtype=dtype)
+        step = max(1, _CHUNK_VALUES // ncols)
+        for r in range(0, nrows, step):
+            out[r:r + step] = torch.from_numpy(_decode_rows(rows[r:r + step], info.ggml_type))
+        return out.reshape(info.shape)
 
     def close(self) -> None:
         self._mm = None
+
+
+_CHUNK_VALUES = 1 << 22   # values decoded per step (16 MiB of float32)
+
+
+def _decode_rows(rows: np.ndarray, ggml_type: int) -> np.ndarray:
+    """uint8 rows [n, row_bytes] of one ggml type -> float32 [n, values per row] (a new array)."""
+    tname = TENSOR_TYPES[ggml_type][0]
+    if tname == "F32":
+        return np.array(rows.view("<f4"))  # copy: the map is read-only and must not be aliased
+    if tname == "F16":
+        return rows.view("<f2").astype(np.float32)
+    if tname == "BF16":
+        # bfloat16 is the high half of a float32: widen by shifting (numpy has no bfloat16 dtype).
+        return (rows.view("<u2").astype(np.uint32) << 16).view(np.float32)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    return dequantize(rows, GGMLQuantizationType(ggml_type))
 
 
 # --------------------------------------------------------------------------------------------- header parsing
