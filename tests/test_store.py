@@ -353,6 +353,7 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
     p.write_text("{not json")
     with pytest.raises(StoreError, match="corrupt"):
         s.resolve("t")
+    assert {e.name: e.id for e in s.list()}["t:latest"] == "(corrupt)"   # visible, so it can be removed
     # A manifest that tries to point outside the store is refused.
     p.write_text(json.dumps({"schema_version": 1, "format": "hf", "files": [
         {"path": "../../../etc/passwd", "digest": "sha256:" + "0" * 64, "size": 1}]}))
@@ -450,3 +451,23 @@ def test_created_adapter_is_applied_by_load(tmp_path):
         got = llamaforge.load("tuned").model(ids)
     assert (plain - want).abs().max() > 1e-3       # the adapter matters
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_disk_full_mid_directory_removes_the_files_it_added(tmp_path, monkeypatch):
+    src = tmp_path / "hf"
+    tiny_hf_dir(src)
+    s = Store()
+    real_write = os.write
+    calls = {"n": 0}
+
+    def fill_up(fd, data):
+        calls["n"] += 1
+        if calls["n"] > 2:   # the first file or two fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", fill_up)
+    with pytest.raises(StoreError, match="no space left"):
+        s.pull(src, "hf")
+    monkeypatch.undo()
+    assert calls["n"] > 2 and list(s.blobs.iterdir()) == [] and s.names() == ["smollm2:latest"]

@@ -398,11 +398,12 @@ class Store:
         """Every model, newest first."""
         rows = []
         for s in self.names():
+            n = parse_name(s)
             try:
                 man = self.manifest(s)
-            except StoreError:
+            except StoreError:   # listed so that it can be seen and removed
+                rows.append(ModelEntry(name=str(n), id="(corrupt)", size=0, modified=0.0, format="?"))
                 continue
-            n = parse_name(s)
             modified = man.get("modified")
             if modified is None:
                 with contextlib.suppress(OSError):
@@ -516,7 +517,8 @@ class Store:
             atomic_write_bytes(self._manifest_path(n), json.dumps(man, indent=2, ensure_ascii=False).encode())
 
     def import_file(self, src: Path, *, expected_digest: str | None = None, progress=None,
-                    _update: Callable[[int], None] | None = None) -> tuple[str, int]:
+                    _update: Callable[[int], None] | None = None,
+                    _created: list | None = None) -> tuple[str, int]:
         """Copy a file into the blobs, hashing as it goes. Returns ("sha256:<hex>", size).
 
         A digest mismatch deletes the new blob and raises StoreError; nothing else is changed.
@@ -559,6 +561,8 @@ class Store:
                     tmp.unlink()   # same content already stored
                 else:
                     os.replace(tmp, final)
+                    if _created is not None:
+                        _created.append(final)
                     _fsync_dir(self.blobs)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -573,12 +577,19 @@ class Store:
         files = model_dir_files(src)
         total = sum(p.stat().st_size for _, p in files)
         update, close = _progress_bar(total, src.name, progress)
+        created: list[Path] = []
         try:
             out = []
             for rel, p in files:
-                digest, size = self.import_file(p, _update=update)
+                digest, size = self.import_file(p, _update=update, _created=created)
                 out.append({"path": rel, "digest": digest, "size": size})
             return out
+        except BaseException:
+            # No manifest will reference the files this attempt added: take them away again.
+            for b in created:
+                with contextlib.suppress(OSError):
+                    b.unlink()
+            raise
         finally:
             close()
 
