@@ -56,11 +56,12 @@ def test_stream_spm(vocab_dir, text):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ids=st.lists(st.integers(0, 31999), max_size=30), skip=st.booleans())
-def test_stream_equals_decode_for_any_ids(vocab_dir, ids, skip):
+@given(ids=st.lists(st.integers(0, 31999), max_size=30), skip=st.booleans(), cont=st.booleans())
+def test_stream_equals_decode_for_any_ids(vocab_dir, ids, skip, cont):
     # Arbitrary ids (stray byte tokens, control tokens): still joined deltas == decode.
     tok = _tok(vocab_dir / "ggml-vocab-llama-spm.gguf")
-    assert "".join(_stream(tok, ids, skip_special=skip)) == tok.decode(ids, skip_special=skip)
+    kw = dict(skip_special=skip, continuation=cont)
+    assert "".join(_stream(tok, ids, **kw)) == tok.decode(ids, **kw)
 
 
 def test_byte_fallback_character_is_held_back(vocab_dir):
@@ -88,8 +89,10 @@ def test_spm_leading_space_consistent(vocab_dir):
     assert "".join(_stream(tok, ids)) == "Hello world"
     # Not skipping specials: the control token is shown and the first word still loses its dummy space.
     assert tok.decode(ids, skip_special=False) == "<s>Hello world" == "".join(_stream(tok, ids, skip_special=False))
-    # A continuation ("▁world" alone) streams its space only when it is not the first text.
-    assert tok.decode(tok.encode("world")) == "world"
+    # A raw completion continues the prompt: its first "▁Paris" keeps the space, in decode and stream alike.
+    paris = tok.encode("The capital is Paris")[-1:]
+    assert tok.decode(paris) == "Paris"
+    assert tok.decode(paris, continuation=True) == " Paris" == "".join(_stream(tok, paris, continuation=True))
 
 
 def test_invalid_sequences_are_replaced_identically(smollm2_gguf):

@@ -36,15 +36,16 @@ class Tokenizer(abc.ABC):
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes this token contributes to the output text (b"" for control tokens)."""
 
-    def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
+    def decode(self, ids: Iterable[int], *, skip_special: bool = True, continuation: bool = False) -> str:
         """Decode ids; invalid UTF-8 sequences become U+FFFD.
 
         skip_special=False renders control tokens as their text (e.g. "<|im_end|>"). The first token that
         produces text (control tokens aside) goes through `first_token_bytes` (SentencePiece drops its dummy-prefix space there), the
         same rule the stream decoder applies, so streamed deltas always join to this result.
+        continuation=True: the ids continue earlier text (a raw completion), so no leading space is dropped.
         """
         out = []
-        first = True
+        first = not continuation
         for i in ids:
             data = self.output_bytes(i, skip_special=skip_special)
             if first and data and not self.is_special(i):
@@ -92,8 +93,9 @@ class Tokenizer(abc.ABC):
             return rev[token_id]
         return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
-    def stream_decoder(self, *, skip_special: bool = True) -> "StreamDecoder":
-        return StreamDecoder(self, skip_special=skip_special)
+    def stream_decoder(self, *, skip_special: bool = True, continuation: bool = False) -> "StreamDecoder":
+        """Incremental decoder; same `skip_special` / `continuation` meaning as `decode`."""
+        return StreamDecoder(self, skip_special=skip_special, continuation=continuation)
 
 
 class StreamDecoder:
@@ -104,11 +106,11 @@ class StreamDecoder:
     `token_bytes`/`decode` consistently so this stays true.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True):
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True, continuation: bool = False):
         self.tokenizer = tokenizer
         self.skip_special = skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._first = True
+        self._first = not continuation
 
     def feed(self, token_id: int) -> str:
         data = self.tokenizer.output_bytes(token_id, skip_special=self.skip_special)
