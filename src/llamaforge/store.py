@@ -345,6 +345,8 @@ class Store:
             raise StoreError(f"manifest of {n} is corrupt (not JSON); remove it with `llamaforge rm {n}`") from None
         if not isinstance(man, dict) or man.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"manifest of {n} has an unknown layout; remove it with `llamaforge rm {n}`")
+        with contextlib.suppress(OSError):
+            man["modified"] = p.stat().st_mtime   # not stored: the file's own time is the truth
         return man
 
     def _builtin_manifest(self, n: ModelName) -> dict | None:
