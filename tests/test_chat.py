@@ -272,3 +272,20 @@ def test_broken_templates(smol):
     for bad in ("{% for %}", "", "{{ x"):
         with pytest.raises(TemplateError):
             JinjaChatFormat(smol, bad)
+
+
+def test_sandbox_budget_is_per_thread(smol):
+    # One format shared by server threads: a bomb on one thread must not disturb renders on another.
+    from concurrent.futures import ThreadPoolExecutor
+    good = JinjaChatFormat(smol, smol.chat_template)
+    bomb = JinjaChatFormat(smol, BOMBS[4])
+    want = good.encode(CONVERSATIONS[2])
+
+    def run(k):
+        if k % 4 == 0:
+            with pytest.raises(TemplateError):
+                bomb.encode(CONVERSATIONS[0])
+            return want
+        return good.encode(CONVERSATIONS[2])
+    with ThreadPoolExecutor(4) as pool:
+        assert all(r == want for r in pool.map(run, range(12)))

@@ -204,7 +204,8 @@ def test_hf_json_errors(tmp_path):
     cases = {"notjson.json": "{nope", "list.json": "[1, 2]", "nomodel.json": "{}",
              "badadded.json": json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []},
                                           "added_tokens": [{"id": "x"}]}),
-             "badmodel.json": json.dumps({"model": {"type": "Nonsense", "vocab": {}}})}
+             "badmodel.json": json.dumps({"model": {"type": "Nonsense", "vocab": {}}}),
+             "emptyvocab.json": json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []}})}
     for name, text in cases.items():
         p = tmp_path / name
         p.write_text(text)

@@ -131,8 +131,7 @@ def _bpe(meta, tokens, types, common, eot):
     pre = meta.get(P + "pre") or "default"
     control = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, UNKNOWN)}
     user = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == USER_DEFINED}
-    if _flag(meta, "add_space_prefix", False):
-        raise TokenizerError("add_space_prefix is not supported for BPE vocabularies")
+    # add_space_prefix is ignored for BPE vocabularies, as llama.cpp does.
     tok = ByteLevelBPETokenizer(
         tokens, merges, pre=pre, control=control, user_defined=user,
         add_bos=_flag(meta, "add_bos_token", canonical_pre(pre) == "llama3"),

@@ -88,6 +88,8 @@ class HFTokenizer(FragmentTokenizer):
         except Exception as e:  # the library raises bare Exception on malformed specs
             raise TokenizerError(f"{source}: invalid tokenizer.json: {e}") from None
         vocab = self._tk.get_vocab(with_added_tokens=False)
+        if not vocab:
+            raise TokenizerError(f"{source}: the model vocabulary is empty")
         size = max([*vocab.values(), *control.values(), *always.values()]) + 1
         pieces: list[str | None] = [None] * size
         for piece, i in vocab.items():

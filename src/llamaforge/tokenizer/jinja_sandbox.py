@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from datetime import datetime
 from typing import Any
@@ -30,6 +31,12 @@ MAX_LOOP_ITERATIONS = 1_000_000
 MAX_SECONDS = 5.0
 MAX_TEMPLATE_CHARS = 200_000
 _FORMAT_WIDTH = re.compile(r"%[-+ #0]*(\d+)")
+# The budget of the render running on this thread (formats are shared by server threads).
+_state = threading.local()
+
+
+def _budget() -> "_Budget | None":
+    return getattr(_state, "budget", None)
 
 
 class _Budget:
@@ -64,12 +71,10 @@ class _Namespace(Namespace):
     """namespace() whose attributes cannot hold oversized values (blocks `ns.s = ns.s ~ ns.s` doubling)."""
 
     def __setitem__(self, name, value):
-        env = _Namespace.env
-        if env is not None and env.lf_budget is not None:
-            env.lf_budget.check_size(value, "namespace value")
+        budget = _budget()
+        if budget is not None:
+            budget.check_size(value, "namespace value")
         super().__setitem__(name, value)
-
-    env = None
 
 
 class SandboxEnvironment(ImmutableSandboxedEnvironment):
@@ -81,7 +86,6 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
 
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         self.max_output = max_output
-        self.lf_budget: _Budget | None = None
         self.filters["tojson"] = _tojson
         for name in ("center", "indent", "format", "replace", "join", "wordwrap"):
             self.filters[name] = self._bounded_filter(self.filters[name], name)
@@ -95,7 +99,7 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
     def call_binop(self, context, operator, left, right):
-        budget = self.lf_budget
+        budget = _budget()
         if operator == "**" and isinstance(right, (int, float)) and isinstance(left, (int, float)):
             bits = max(1, abs(int(left)).bit_length())
             if abs(right) > 4096 or bits * abs(right) > 65536:
@@ -114,12 +118,13 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
         return result
 
     def lf_checked(self, value):
-        if self.lf_budget is not None:
-            self.lf_budget.check_size(value, "string")
+        budget = _budget()
+        if budget is not None:
+            budget.check_size(value, "string")
         return value
 
     def _loop_guard(self, iterable):
-        budget = self.lf_budget
+        budget = _budget()
         for item in iterable:
             if budget is not None:
                 budget.tick()
@@ -175,8 +180,8 @@ class ChatTemplate:
 
     def render(self, **context) -> str:
         env = self.env
-        env.lf_budget = _Budget(env.max_output)
-        _Namespace.env = env
+        outer = _budget()  # renders do not nest today, but restore whatever was there
+        _state.budget = _Budget(env.max_output)
         out: list[str] = []
         total = 0
         try:
@@ -199,5 +204,5 @@ class ChatTemplate:
                 OverflowError) as e:
             raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
         finally:
-            env.lf_budget = None
+            _state.budget = outer
         return "".join(out)
