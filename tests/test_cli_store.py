@@ -84,6 +84,10 @@ def test_create_with_system_params_template(capsys, tmp_path):
     assert info["template"] == tmpl.read_text()
     rc, out, _ = run_cli(capsys, "show", "terse", "--system")
     assert out.strip() == "Be terse."
+    rc, out, _ = run_cli(capsys, "show", "terse", "--license")
+    assert out.strip() == "apache-2.0"
+    rc, out, _ = run_cli(capsys, "show", "terse", "--parameters")
+    assert out.split() == ["temperature", "0.1", "stop", '"END"', "stop", '"STOP"']
     rc, out, _ = run_cli(capsys, "show", "terse")
     assert "Be terse." in out and "temperature" in out and '"END"' in out
 

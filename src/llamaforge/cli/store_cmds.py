@@ -142,11 +142,14 @@ def cmd_show(args, store) -> int:
     if args.json:
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    if args.template:
-        print(out.get("template") or "")
+    if args.template or args.system or args.license:
+        key = "template" if args.template else "system" if args.system else "license"
+        print(out.get(key) or "")
         return 0
-    if args.system:
-        print(out.get("system") or "")
+    if args.parameters:
+        for k, v in out["options"].items():
+            for item in (v if isinstance(v, list) else [v]):
+                print(f"{k:<20}{json.dumps(item) if isinstance(item, str) else item}")
         return 0
     lines = ["  Model"]
     fields = [("name", out["name"]), ("architecture", out["architecture"]),
@@ -226,6 +229,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--json", action="store_true", help="print one JSON object")
         g.add_argument("--template", action="store_true", help="print only the chat template")
         g.add_argument("--system", action="store_true", help="print only the system prompt")
+        g.add_argument("--license", action="store_true", help="print only the license")
+        g.add_argument("--parameters", action="store_true", help="print only the generation defaults")
     elif command == "rm":
         p.description = "Remove models from the store (blobs no other model uses are deleted)."
         p.add_argument("models", nargs="+", metavar="MODEL")
