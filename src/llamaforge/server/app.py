@@ -357,7 +357,9 @@ def _add_basic_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/debug/scheduler")
     async def debug_scheduler():
         """Batch slots per model: active (holding a row), queued (waiting), steps taken."""
-        return json_response({"models": state.models.gauges()})
+        with state.models._lock:
+            entries = list(state.models.entries.values())
+        return json_response({"models": {e.name: e.scheduler.debug() for e in entries}})
 
     @app.get("/")
     async def root():

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import threading
@@ -52,6 +53,8 @@ class Stream:
     t_submit: float = field(default_factory=time.perf_counter)
     t_first: float | None = None
     finished: bool = False
+    first_step: int | None = None   # scheduler step that produced the first event (debugging / tests)
+    cancel_step: int | None = None  # steps completed when the client went away
 
 
 class Scheduler:
@@ -73,6 +76,7 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{self.name}", daemon=True)
         self.steps = 0
+        self.recent: collections.deque = collections.deque(maxlen=32)  # finished streams, for /debug/scheduler
         self.last_used = time.monotonic()
         self._thread.start()
 
@@ -97,6 +101,9 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         return {"active": self.active, "queued": self.queued, "max_batch": self.max_batch,
                 "max_queue": self.max_queue, "steps": self.steps, "context_length": self.context_length}
+
+    def debug(self) -> dict:
+        return dict(self.stats(), recent=list(self.recent))
 
     # -- event-loop side ------------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, stream: Stream,
@@ -124,6 +131,8 @@ class Scheduler:
         if req is None or stream.finished:
             return
         stream.finished = True
+        stream.cancel_step = self.steps
+        self._remember(stream, "cancelled")
         was_running = not req.done
         self.engine.cancel(req)
         with self._lock:
@@ -196,11 +205,12 @@ class Scheduler:
                 continue
             generated += 1
             if stream.t_first is None:
-                stream.t_first = now
+                stream.t_first, stream.first_step = now, self.steps
                 if self.metrics:
                     self.metrics.ttft.observe(now - stream.t_submit, model=self.name)
             if ev.finish_reason is not None:
                 stream.finished = True
+                self._remember(stream, ev.finish_reason)
                 with self._lock:
                     self._live.discard(req)
             by_loop.setdefault(stream.loop, []).append((stream.queue, (stream.index, ev)))
@@ -208,6 +218,12 @@ class Scheduler:
             self.metrics.generated_tokens.inc(generated, model=self.name)
         for loop, items in by_loop.items():
             _post(loop, items)
+
+    def _remember(self, stream: Stream, outcome: str) -> None:
+        req = stream.request
+        self.recent.append({"request": getattr(req, "id", None), "outcome": outcome,
+                            "first_step": stream.first_step, "cancel_step": stream.cancel_step,
+                            "tokens": getattr(req, "completion_tokens", 0)})
 
     def _end_all(self, reason: str, message: str) -> None:
         with self._lock:
