@@ -114,6 +114,10 @@ def _tokenizer_round_trip(vocab_dir: Path, name: str, tmp_path: Path):
                 "tokenizer.ggml.eos_token_id"):
         assert back[key] == orig[key], key
     _check_vectors(vocab_dir, name, tmp_path / "back.gguf")
+    # HF -> HF copies the tokenizer files as they are.
+    assert convert(tmp_path / "hf", "--to", "hf", "--out", tmp_path / "hf2") == 0
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf2" / f).read_bytes() == (tmp_path / "hf" / f).read_bytes()
     return orig, back
 
 

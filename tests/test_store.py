@@ -471,3 +471,34 @@ def test_disk_full_mid_directory_removes_the_files_it_added(tmp_path, monkeypatc
         s.pull(src, "hf")
     monkeypatch.undo()
     assert calls["n"] > 2 and list(s.blobs.iterdir()) == [] and s.names() == ["smollm2:latest"]
+
+
+def test_pull_hf_repo_success_path(tmp_path, monkeypatch):
+    """The repo-id path around `snapshot_download` (faked: no network here): files land in blobs, the download
+    directory is removed, the name comes from the repo."""
+    import huggingface_hub
+    src = tmp_path / "repo"
+    ref_model = tiny_hf_dir(src)
+    seen = {}
+
+    def fake_snapshot_download(repo_id, revision=None, local_dir=None, allow_patterns=None, **kw):
+        import fnmatch
+        import shutil
+        seen.update(repo_id=repo_id, revision=revision, local_dir=Path(local_dir), patterns=allow_patterns)
+        for f in src.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, Path(local_dir) / f.name)
+        (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True)
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    s = Store()
+    name = s.pull("SomeOrg/Tiny-Llama-3.1", revision="main")
+    assert name == "tiny-llama-3.1:latest" and seen["repo_id"] == "SomeOrg/Tiny-Llama-3.1"
+    assert "*.safetensors" in seen["patterns"] and not any(p.endswith(".bin") for p in seen["patterns"])
+    assert not seen["local_dir"].exists()
+    assert s.manifest("tiny-llama-3.1")["source"] == "hf://SomeOrg/Tiny-Llama-3.1@main"
+    ids = torch.tensor([[2, 4, 6, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(llamaforge.load("tiny-llama-3.1").model(ids), ref_model(ids).logits,
+                                   atol=1e-5, rtol=1e-5)
