@@ -224,6 +224,15 @@ def test_jinja_refuses_content_rewrites(smol):
     fmt = JinjaChatFormat(smol, "{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}")
     with pytest.raises(TemplateError, match="cannot be encoded safely"):
         fmt.encode(CONVERSATIONS[0])
+    # Content used to build structure (here its length) is caught: the two renderings differ.
+    fmt = JinjaChatFormat(smol, "{% for m in messages %}{{ m['content'] | length }}:{{ m['content'] }}{% endfor %}")
+    with pytest.raises(TemplateError, match="cannot be encoded safely"):
+        fmt.encode(CONVERSATIONS[0])
+    # Trimming only some messages is fine.
+    fmt = JinjaChatFormat(smol, "{% for m in messages %}<|im_start|>{% if m['role'] == 'user' %}{{ m['content'] | trim }}"
+                                "{% else %}{{ m['content'] }}{% endif %}<|im_end|>{% endfor %}")
+    msgs = [{"role": "system", "content": " sys "}, {"role": "user", "content": " u "}]
+    assert smol.decode(fmt.encode(msgs), skip_special=False) == "<|im_start|> sys <|im_end|><|im_start|>u<|im_end|>"
     fmt = JinjaChatFormat(smol, "{% for m in messages %}{{ raise_exception('roles must alternate') }}{% endfor %}")
     with pytest.raises(TemplateError, match="roles must alternate"):
         fmt.encode(CONVERSATIONS[0])

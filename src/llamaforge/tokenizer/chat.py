@@ -253,9 +253,9 @@ class JinjaChatFormat(ChatFormat):
     """A model's own Jinja template, rendered in the bounded sandbox (see jinja_sandbox.py).
 
     Injection-proof encoding: the template is rendered with every message content replaced by a unique
-    sentinel; the text around sentinels (the template's own structure) is encoded with special tokens
-    allowed, each content with special tokens disallowed. The template may trim contents; anything else it
-    does to a content that changes the rendered text is refused.
+    sentinel; control-token text is recognised only in the text around sentinels (the template's own
+    structure), never in contents. The template may trim a content; a rendering that differs from the
+    sentinel rendering in any other way is refused with TemplateError.
     """
 
     name = "jinja"
@@ -287,11 +287,32 @@ class JinjaChatFormat(ChatFormat):
         real = self.template.render(**self._context(msgs, add_generation_prompt))
         index = {s: i for i, s in enumerate(sentinels)}
 
-        parts = re.split("(" + "|".join(map(re.escape, sentinels)) + ")", shaped) if sentinels else [shaped]
-        for transform in (lambda s: s, str.strip):
-            pieces = [(p, None) if p not in index else (transform(msgs[index[p]][1]), index[p])
-                      for p in parts if p]
-            if "".join(p for p, _ in pieces) == real:
+        raw = re.split("(" + "|".join(map(re.escape, sentinels)) + ")", shaped) if sentinels else [shaped]
+        raw = [(p, index.get(p)) for p in raw if p]
+        # Align with the real rendering: structure must match verbatim; each content may have been trimmed
+        # by the template (either side). Any other difference means content leaked into the structure.
+        pieces: list[tuple[str, int | None]] = []
+        pos = 0
+        for k, (p, idx) in enumerate(raw):
+            if idx is None:
+                if not real.startswith(p, pos):
+                    break
+                pieces.append((p, None))
+                pos += len(p)
+                continue
+            nxt = raw[k + 1][0] if k + 1 < len(raw) and raw[k + 1][1] is None else None
+            content = msgs[idx][1]
+            for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+                end = pos + len(cand)
+                if real.startswith(cand, pos) and (nxt is None or real.startswith(nxt, end)) and \
+                        (k + 1 < len(raw) or end == len(real)):
+                    pieces.append((cand, idx))
+                    pos = end
+                    break
+            else:
+                break
+        else:
+            if pos == len(real):
                 return pieces
         raise TemplateError("the chat template transforms message content in a way that cannot be encoded "
                             "safely (only trimming is supported)")
