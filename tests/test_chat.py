@@ -229,8 +229,9 @@ def test_jinja_refuses_content_rewrites(smol):
     with pytest.raises(TemplateError, match="cannot be encoded safely"):
         fmt.encode(CONVERSATIONS[0])
     # Trimming only some messages is fine.
-    fmt = JinjaChatFormat(smol, "{% for m in messages %}<|im_start|>{% if m['role'] == 'user' %}{{ m['content'] | trim }}"
-                                "{% else %}{{ m['content'] }}{% endif %}<|im_end|>{% endfor %}")
+    fmt = JinjaChatFormat(smol, "{% for m in messages %}<|im_start|>{% if m['role'] == 'user' %}"
+                                "{{ m['content'] | trim }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>"
+                                "{% endfor %}")
     msgs = [{"role": "system", "content": " sys "}, {"role": "user", "content": " u "}]
     assert smol.decode(fmt.encode(msgs), skip_special=False) == "<|im_start|> sys <|im_end|><|im_start|>u<|im_end|>"
     fmt = JinjaChatFormat(smol, "{% for m in messages %}{{ raise_exception('roles must alternate') }}{% endfor %}")

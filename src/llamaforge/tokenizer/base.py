@@ -29,7 +29,8 @@ class Tokenizer(abc.ABC):
 
         add_special: prepend BOS / append EOS as the model's add_bos/add_eos flags say (for a raw prompt).
         allow_special: recognise control-token text such as "<|eot_id|>" as the control token. Off by default,
-        so user text can never inject control tokens. Lone surrogates are replaced by U+FFFD.
+        so user text can never inject control tokens. Lone surrogates are replaced by U+FFFD; backends also
+        accept bytes, decoded as UTF-8 with invalid sequences replaced by U+FFFD (never an exception).
         """
 
     @abc.abstractmethod
@@ -39,9 +40,9 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Iterable[int], *, skip_special: bool = True, continuation: bool = False) -> str:
         """Decode ids; invalid UTF-8 sequences become U+FFFD.
 
-        skip_special=False renders control tokens as their text (e.g. "<|im_end|>"). The first token that
-        produces text (control tokens aside) goes through `first_token_bytes` (SentencePiece drops its dummy-prefix space there), the
-        same rule the stream decoder applies, so streamed deltas always join to this result.
+        skip_special=False renders control tokens as their text (e.g. "<|im_end|>"). The first non-control
+        token that produces text goes through `first_token_bytes` (SentencePiece drops its dummy-prefix space
+        there), the same rule the stream decoder applies, so streamed deltas always join to this result.
         continuation=True: the ids continue earlier text (a raw completion), so no leading space is dropped.
         """
         out = []
