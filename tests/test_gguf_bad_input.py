@@ -104,6 +104,22 @@ def test_unsupported_version(tmp_path, version):
     expect_error(tmp_path, gguf_bytes(version=version), "version")
 
 
+def test_big_endian_file_named_as_such(tmp_path):
+    content = bytearray(gguf_bytes())
+    content[4:8] = struct.pack(">I", 3)
+    expect_error(tmp_path, bytes(content), "big-endian")
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    import os
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelFormatError, match="not a regular file"):
+        read_gguf(fifo)
+    with pytest.raises(ModelFormatError):
+        load_model(fifo)
+
+
 def test_version_2_is_accepted(tmp_path):
     p = tmp_path / "v2.gguf"
     p.write_bytes(gguf_bytes(version=2))

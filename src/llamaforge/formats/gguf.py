@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,8 @@ def _parse(path: Path, buf, size: int) -> GGUFFile:
     version = c.u32("version")
     if version == 1:
         raise c.fail("GGUF version 1 is not supported (only versions 2 and 3)")
+    if version not in SUPPORTED_VERSIONS and struct.unpack("<I", struct.pack(">I", version))[0] in SUPPORTED_VERSIONS:
+        raise c.fail("big-endian GGUF files are not supported")
     if version not in SUPPORTED_VERSIONS:
         raise c.fail(f"unsupported GGUF version {version} (only versions 2 and 3)")
     n_tensors = c.u64("tensor count")
@@ -325,6 +328,11 @@ def read_gguf(path) -> GGUFFile:
     """Open and validate a GGUF file. Raises `ModelFormatError(path, reason)` for anything malformed."""
     path = Path(path)
     try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise ModelFormatError(path, "not a regular file")
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
