@@ -53,6 +53,8 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
     from .formats.load import load_model
     from .store import resolve
     ref = resolve(path_or_name)  # -> store.Resolved(path, name, defaults) or raises ModelNotFoundError
+    if quant is None and dtype is None and not (ref.defaults or {}).get("adapter"):
+        quant = "auto"  # the fast in-memory format for this file (model.quant.default_quant); adapters need dense
     lm = load_model(ref.path, dtype=dtype, device=device, quant=quant, **kwargs)
     lm.name = ref.name
     lm.defaults = dict(ref.defaults or {})

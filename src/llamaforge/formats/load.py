@@ -105,7 +105,11 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
         from .gguf import file_type_name, gguf_config, iter_gguf_state_dict, read_gguf
         gguf_file = read_gguf(path)
         config = gguf_config(gguf_file)
-        sd = dict(iter_gguf_state_dict(gguf_file, config, dt))
+        if quant is not None:
+            from ..model.quant import resolve_quant
+            quant = resolve_quant(quant, dtype, device, file_type_name(gguf_file))
+        # Packed formats are built straight from the file's blocks (model.quant): no float copy is made.
+        sd = {} if quant in ("q4", "int8") else dict(iter_gguf_state_dict(gguf_file, config, dt))
         meta = gguf_file.metadata
         metadata = {
             "format": "gguf", "file_type": file_type_name(gguf_file), "license": meta.get("general.license"),
@@ -125,11 +129,16 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
     metadata.setdefault("chat_template", None)
     if tokenizer is not None and metadata.get("chat_template") is None:
         metadata["chat_template"] = getattr(tokenizer, "chat_template", None)
-    model = build_model(config, sd, path, device=device)
+    if fmt == "gguf" and quant in ("q4", "int8"):
+        from ..model.quant import load_gguf_quantized
+        model = load_gguf_quantized(gguf_file, config, quant, device)
+    else:
+        model = build_model(config, sd, path, device=device)
+        if quant is not None:
+            model = _quantize(model, quant, gguf_file)
     del sd
     if quant is not None:
-        model = _quantize(model, quant, gguf_file)
-        metadata["quant"] = quant
+        metadata["quant"] = getattr(model, "_quant", None) or ("none" if quant in ("auto", "none") else quant)
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, path=path, metadata=metadata)
 
 

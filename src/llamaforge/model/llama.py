@@ -39,13 +39,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=b)
         self.v_proj = nn.Linear(C, self.n_kv * self.head_dim, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=b)
+        self.qkv_proj = None  # q/k/v fused into one matmul by model.quant at inference time
 
     def forward(self, x, cos, sin, cache: KVCache | None, rows, positions, mask):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, K, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, K, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qkv_proj is None:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+            k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, K, T, D]
+            v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, K, T, D]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+            qk = apply_rope(qkv[:, :self.n_heads + self.n_kv], cos, sin)  # one rotation for q and k together
+            q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
         if cache is not None:
             k, v = cache.update(self.layer_idx, rows, positions, k, v, span=mask.shape[-1])  # [B, K, S, D]
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -64,9 +70,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(C, I, bias=b)
         self.up_proj = nn.Linear(C, I, bias=b)
         self.down_proj = nn.Linear(I, C, bias=b)
+        self.gate_up_proj = None  # gate/up fused into one matmul by model.quant at inference time
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -115,7 +125,7 @@ class Llama(nn.Module):
         return self._inv_freq
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None, dtype=None) -> KVCache:
-        p = self.model.embed_tokens.weight
+        p = self.model.norm.weight  # a plain parameter in every weight format (quantized embeddings have none)
         return KVCache(self.config, batch_size, max_seq_len or self.config.max_position_embeddings,
                        dtype=dtype or _activation_dtype(p), device=p.device)
 

@@ -1,0 +1,408 @@
+"""Weights kept quantized in memory, behind one interface: `quantize_model(model, quant, gguf=None)`.
+
+Formats (`quant`):
+  "none" - dense weights in the model's dtype (the float32 reference).
+  "bf16" - dense bfloat16 weights and activations (oneDNN bf16 GEMMs on AVX-512 BF16 CPUs and on GPUs).
+  "int8" - int8 weights, one scale per output row (`torch._weight_int8pack_mm`), bfloat16 activations.
+  "q4"   - 4-bit weights in groups of 32 with a scale and a zero point per group
+           (`aten._weight_int4pack_mm_for_cpu`), bfloat16 activations; the tied embedding / lm_head is int8.
+           GGUF Q4_0 / Q4_1 blocks are 32-element groups already, so they convert without re-quantizing.
+
+The packed kernels compute w = (q - 8) * scale + zero per group (the "tinygemm" convention); Q4_1 stores
+w = d * q + m, hence scale = d and zero = m + 8 d (ggml `dequantize_row_q4_1`).
+With a GGUF file at hand, `load_gguf_quantized` builds the model straight from the file's blocks without ever
+materialising float32 weights, which keeps loading fast and peak memory low.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidRequestError, ModelFormatError
+
+QUANT_TYPES = ("none", "bf16", "int8", "q4")
+GROUP = 32            # int4 group size = GGUF block size
+ACT_DTYPE = torch.bfloat16
+_GGML_Q4_0, _GGML_Q4_1, _GGML_Q8_0 = 2, 3, 8
+
+
+# --------------------------------------------------------------------------------------------- choosing
+def default_quant(device="cpu", file_type: str | None = None) -> str:
+    """The default in-memory format: the fastest whose perplexity stays within 1% of float32 (bench/NOTES.md).
+
+    It never throws away precision the file has: 4-bit GGUF files (Q4_0 / Q4_1) run as "q4", other quantized
+    GGUF files as "int8", float checkpoints stay dense ("none"). The int4 kernel is CPU-only: GPUs get "bf16".
+    """
+    ft = (file_type or "").upper()
+    if not ft or ft in ("F32", "F16", "BF16"):
+        return "none"
+    if torch.device(device).type != "cpu":
+        return "bf16"
+    return "q4" if ft in ("Q4_0", "Q4_1") else "int8"
+
+
+def resolve_quant(quant, dtype=None, device="cpu", file_type: str | None = None) -> str:
+    """Normalise a user's `quant` (None, "auto" or a name from QUANT_TYPES) for a file of `file_type`.
+
+    None means "auto" unless an explicit dtype was asked for, in which case the dense weights in that dtype are
+    kept ("none"): asking for float32 should give float32.
+    """
+    if quant is None:
+        quant = "auto" if dtype is None else "none"
+    if not isinstance(quant, str):
+        raise InvalidRequestError(f"quant must be a string, got {type(quant).__name__}", field="quant")
+    q = quant.lower()
+    if q in ("auto", "default"):
+        return default_quant(device, file_type)
+    q = {"int4": "q4", "q4_0": "q4", "q4_1": "q4", "bfloat16": "bf16", "float32": "none", "f32": "none",
+         "fp32": "none", "q8_0": "int8"}.get(q, q)
+    if q not in QUANT_TYPES:
+        raise InvalidRequestError(f"unknown quant {quant!r}; choose one of auto, {', '.join(QUANT_TYPES)}",
+                                  field="quant")
+    if q == "q4" and torch.device(device).type != "cpu":
+        raise InvalidRequestError("quant 'q4' uses a CPU kernel; use 'bf16' or 'int8' on GPU", field="quant")
+    return q
+
+
+# --------------------------------------------------------------------------------------------- layers
+class Int4Linear(nn.Module):
+    """y = x @ W.T (+ b) with W stored as packed 4-bit groups of 32 along the input dimension."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None = None,
+                 act_dtype: torch.dtype = ACT_DTYPE):
+        """q: [N, K] integers 0..15; scale, zero: [N, K/32] so that w = (q - 8) * scale + zero."""
+        super().__init__()
+        N, K = q.shape
+        if K % GROUP or scale.shape != (N, K // GROUP) or zero.shape != scale.shape:
+            raise ValueError(f"Int4Linear: q {tuple(q.shape)}, scale {tuple(scale.shape)}, zero "
+                             f"{tuple(zero.shape)} do not describe groups of {GROUP}")
+        self.in_features, self.out_features, self.act_dtype = K, N, act_dtype
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).contiguous(), 1))
+        # [K/32, N, 2]: the layout the kernel reads.
+        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(act_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(self.act_dtype),
+                                                       self.packed, GROUP, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ q.T) * scale with q int8 [N, K] and one scale per output row."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 act_dtype: torch.dtype = ACT_DTYPE):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.act_dtype = act_dtype
+        self.register_buffer("qweight", q.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(act_dtype).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
+        if x2.is_cuda:  # no fused CUDA kernel in core torch: dequantize on the fly
+            y = F.linear(x2, self.qweight.to(self.act_dtype)) * self.scale
+        else:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Int8Embedding(nn.Module):
+    """Embedding rows stored as int8 with one scale per row; can share storage with a tied Int8Linear."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype = ACT_DTYPE):
+        super().__init__()
+        self.act_dtype = act_dtype
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized table (a copy): for code that reads `embed_tokens.weight`, e.g. for dtype and device."""
+        return self.qweight.to(self.act_dtype) * self.scale[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).to(self.act_dtype) * self.scale[ids][..., None]
+
+
+# --------------------------------------------------------------------------------------------- quantizers
+def int4_from_float(w: torch.Tensor):
+    """Asymmetric 4-bit groups of 32 (min/max per group) -> (q [N,K] uint8, scale, zero [N,K/32])."""
+    N, K = w.shape
+    g = w.float().reshape(N, K // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8).reshape(N, K)
+    return q, scale, lo + 8 * scale
+
+
+def int8_from_float(w: torch.Tensor):
+    """Symmetric int8 per output row -> (q [N,K] int8, scale [N] float32)."""
+    w = w.float()
+    scale = (w.abs().amax(-1) / 127).clamp_min(1e-12)
+    return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def _blocks(gf, name: str, block_bytes: int, rows: slice = slice(None)) -> torch.Tensor:
+    """Raw blocks of rows of a 2-D GGUF tensor as uint8 [n, K/32, block_bytes].
+
+    Read with plain file reads rather than through the memory map: mapped file pages count as resident memory
+    for as long as the map lives, read pages only sit in the OS page cache. Offsets were validated by read_gguf.
+    """
+    info = gf.tensors[name]
+    N, K = info.shape
+    start, stop, _ = rows.indices(N)
+    row_bytes = K // GROUP * block_bytes
+    out = torch.empty((stop - start, K // GROUP, block_bytes), dtype=torch.uint8)
+    with open(gf.path, "rb") as f:
+        f.seek(info.offset + start * row_bytes)
+        if f.readinto(out.numpy().reshape(-1)) != out.numel():
+            raise ModelFormatError(gf.path, f"tensor {name!r} is truncated (file changed while loading?)")
+    return out
+
+
+def _half(b: torch.Tensor) -> torch.Tensor:
+    """Two bytes per block -> their little-endian float16 value as float32."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def int4_from_gguf(gf, name: str):
+    """(q, scale, zero) for a GGUF tensor; Q4_0 / Q4_1 blocks convert exactly, other types are re-quantized."""
+    t = gf.tensors[name].ggml_type
+    if t == _GGML_Q4_1:
+        b = _blocks(gf, name, 20)                       # d f16, m f16, 16 bytes of nibbles
+        d, m, qs = _half(b[..., 0:2]), _half(b[..., 2:4]), b[..., 4:]
+        q = torch.cat([qs & 0x0F, qs >> 4], -1)         # element j in the low nibble, j+16 in the high one
+        return q.reshape(q.shape[0], -1), d, m + 8 * d
+    if t == _GGML_Q4_0:
+        b = _blocks(gf, name, 18)                       # d f16, 16 bytes of nibbles; w = d * (q - 8)
+        d, qs = _half(b[..., 0:2]), b[..., 2:]
+        q = torch.cat([qs & 0x0F, qs >> 4], -1)
+        return q.reshape(q.shape[0], -1), d, torch.zeros_like(d)
+    return int4_from_float(gf.dequantize(name, torch.float32))
+
+
+def int8_from_gguf(gf, name: str, rows_per_chunk: int = 4096):
+    """(q int8 [N,K], scale [N]); Q8_0 is decoded in row chunks so no full float32 copy is ever held."""
+    info = gf.tensors[name]
+    if info.ggml_type != _GGML_Q8_0:
+        return int8_from_float(gf.dequantize(name, torch.float32))
+    N = info.shape[0]
+    q = torch.empty(info.shape, dtype=torch.int8)
+    scale = torch.empty(N)
+    for r in range(0, N, rows_per_chunk):
+        c = _blocks(gf, name, 34, slice(r, r + rows_per_chunk))  # d f16, 32 x int8
+        w = (_half(c[..., 0:2])[..., None] * c[..., 2:].contiguous().view(torch.int8).float()).flatten(1)
+        q[r:r + rows_per_chunk], scale[r:r + rows_per_chunk] = int8_from_float(w)
+    return q, scale
+
+
+# --------------------------------------------------------------------------------------------- whole model
+_QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+
+
+def quantize_model(model, quant, gguf=None, *, device="cpu"):
+    """Convert a `Llama` to the in-memory format `quant` (see module docstring); returns the model.
+
+    With `gguf` (a `formats.gguf.GGUFFile`) the packed weights come from the file's blocks; otherwise from the
+    model's own float weights. q/k/v and gate/up are fused into one matmul each at the same time (inference only:
+    training code should load with quant="none").
+    """
+    quant = resolve_quant(quant, None, device, _file_type(gguf))
+    if quant == "none":
+        return model
+    model.eval()
+    if quant == "bf16":
+        model.to(torch.bfloat16)
+        for layer in model.model.layers:
+            _fuse_dense(layer)
+        model._quant = quant
+        return model
+    source = _GGUFSource(gguf, model.config) if gguf is not None else _ModelSource(model)
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        get = lambda owner, block, n: _checked(source.get(i, block, n, quant), owner, n, i)  # noqa: E731
+        attn.qkv_proj = _packed(quant, [get(attn, "self_attn", n) for n in _QKV], attn, _QKV)
+        attn.o_proj = _packed(quant, [get(attn, "self_attn", "o_proj")], attn, ("o_proj",))
+        mlp.gate_up_proj = _packed(quant, [get(mlp, "mlp", n) for n in _GATE_UP], mlp, _GATE_UP)
+        mlp.down_proj = _packed(quant, [get(mlp, "mlp", "down_proj")], mlp, ("down_proj",))
+        for n in _QKV:
+            delattr(attn, n)
+        for n in _GATE_UP:
+            delattr(mlp, n)
+    # Embedding and lm_head: int8 rows (also for "q4": the logits are what perplexity sees first).
+    q, s = source.int8("model.embed_tokens.weight")
+    model.model.embed_tokens = Int8Embedding(q, s.to(ACT_DTYPE))
+    if model.config.tie_word_embeddings:
+        model.lm_head = Int8Linear(q, s)
+        model.lm_head.qweight = model.model.embed_tokens.qweight      # one copy of the table
+    else:
+        model.lm_head = Int8Linear(*source.int8("lm_head.weight"))
+    # What is left (norms, biases) runs in the activation dtype.
+    for name, p in list(model.named_parameters()):
+        if p.is_meta:
+            source.fill(model, name)
+    model.to(ACT_DTYPE)
+    model._quant = quant
+    return model
+
+
+def _file_type(gguf) -> str | None:
+    if gguf is None:
+        return None
+    from ..formats.gguf import file_type_name
+    return file_type_name(gguf)
+
+
+def _checked(parts, owner, proj: str, layer: int):
+    """The source tensor must have the shape the architecture expects (error names tensor and both shapes)."""
+    expected = tuple(getattr(owner, proj).weight.shape)
+    if tuple(parts[0].shape) != expected:
+        raise ModelFormatError(None, f"tensor 'model.layers.{layer}.*.{proj}.weight' has shape "
+                                     f"{list(parts[0].shape)}, expected {list(expected)}")
+    return parts
+
+
+def _packed(quant: str, parts, owner, names):
+    """One quantized linear from row-stacked parts [(q, scale, zero | None, bias | None), ...]."""
+    biases = [getattr(getattr(owner, n, None), "bias", None) for n in names]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b.detach().float() if b is not None else torch.zeros(p[0].shape[0]) for b, p in zip(biases, parts)])
+    if bias is not None and bias.is_meta:
+        raise ModelFormatError(None, "quantizing a model with unloaded biases")
+    if quant == "q4":
+        return Int4Linear(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                          torch.cat([p[2] for p in parts]), bias)
+    return Int8Linear(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), bias)
+
+
+def _fuse_dense(layer) -> None:
+    """bf16: fused dense projections (one GEMM for q/k/v and one for gate/up)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    for owner, names, fused in ((attn, _QKV, "qkv_proj"), (mlp, _GATE_UP, "gate_up_proj")):
+        mods = [getattr(owner, n) for n in names]
+        lin = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=mods[0].bias is not None,
+                        device=mods[0].weight.device, dtype=mods[0].weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(torch.cat([m.weight for m in mods]))
+            if lin.bias is not None:
+                lin.bias.copy_(torch.cat([m.bias for m in mods]))
+        setattr(owner, fused, lin.requires_grad_(False))
+        for n in names:
+            delattr(owner, n)
+
+
+class _ModelSource:
+    """Weights from the model's own (float) linears."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def _weight(self, name: str) -> torch.Tensor:
+        w = self.model.get_parameter(name)
+        if w.is_meta:
+            raise ModelFormatError(None, f"cannot quantize {name!r}: its weights are not loaded")
+        return w.detach()
+
+    def get(self, i: int, block: str, proj: str, quant: str):
+        w = self._weight(f"model.layers.{i}.{block}.{proj}.weight")
+        return int4_from_float(w) if quant == "q4" else (*int8_from_float(w), None)
+
+    def int8(self, name: str):
+        return int8_from_float(self._weight(name))
+
+    def fill(self, model, name):  # nothing to fill from: every weight is already loaded
+        raise ModelFormatError(None, f"parameter {name!r} is not loaded")
+
+
+class _GGUFSource:
+    """Weights straight from a GGUF file's blocks (HF names mapped to GGUF names; q/k rows un-permuted)."""
+
+    def __init__(self, gf, config):
+        from ..formats.gguf import hf_to_gguf_name
+        self.gf, self.config, self.to_gguf = gf, config, hf_to_gguf_name
+
+    def _name(self, hf: str) -> str:
+        g = self.to_gguf(hf)
+        if g not in self.gf.tensors:
+            raise ModelFormatError(self.gf.path, f"missing tensor {g!r}")
+        return g
+
+    def get(self, i: int, block: str, proj: str, quant: str):
+        name = self._name(f"model.layers.{i}.{block}.{proj}.weight")
+        if quant == "q4":
+            parts = int4_from_gguf(self.gf, name)
+        else:
+            parts = (*int8_from_float(self.gf.dequantize(name, torch.float32)), None)
+        if proj in ("q_proj", "k_proj"):
+            from .rope import unpermute_qk
+            n = self.config.num_attention_heads if proj == "q_proj" else self.config.num_key_value_heads
+            if parts[0].shape[0] % (2 * n):
+                raise ModelFormatError(self.gf.path, f"tensor {name!r} has {parts[0].shape[0]} rows, not "
+                                                     f"divisible into {n} heads of even size")
+            parts = tuple(None if p is None else unpermute_qk(p, n) for p in parts)
+        return parts
+
+    def int8(self, name: str):
+        return int8_from_gguf(self.gf, self._name(name))
+
+    def fill(self, model, name):
+        t = self.gf.dequantize(self._name(name), torch.float32)
+        mod_name, _, attr = name.rpartition(".")
+        mod = model.get_submodule(mod_name)
+        expected = tuple(getattr(mod, attr).shape)
+        if tuple(t.shape) != expected:
+            raise ModelFormatError(self.gf.path, f"tensor {name!r} has shape {list(t.shape)}, expected "
+                                                 f"{list(expected)}")
+        setattr(mod, attr, nn.Parameter(t, requires_grad=False))
+
+
+def load_gguf_quantized(gf, config, quant: str, device="cpu"):
+    """A `Llama` built on the meta device and filled straight from GGUF blocks (no float32 copy of the weights)."""
+    from .llama import Llama
+    # Skip the initialisers: they are wasted work here, and Embedding's normal_ on the meta device imports
+    # torch._dynamo (about 75 MB of resident memory for nothing).
+    with torch.device("meta"), _no_init():
+        model = Llama(config)
+    model = quantize_model(model, quant, gguf=gf, device=device)
+    _release_free_memory()
+    return model.to(device)
+
+
+@contextlib.contextmanager
+def _no_init():
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
+def _release_free_memory() -> None:
+    """Hand the loader's freed temporaries back to the OS (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
