@@ -227,3 +227,14 @@ def test_gguf_metadata_reader(tmp_path):
             read_gguf_metadata(bad)
         with pytest.raises(TokenizerError):
             load_tokenizer(bad)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama-spm", "llama-bpe", "llama3-tiktoken"])
+def test_no_control_token_from_plain_text(name, smollm2_gguf, vocab_dir, llama3_tokenizer_model):
+    path = {"smollm2": smollm2_gguf, "llama3-tiktoken": llama3_tokenizer_model}.get(name) or \
+        vocab_dir / f"ggml-vocab-{name}.gguf"
+    tok = _load(path)
+    control = set(tok.special_tokens.values())
+    everything = " ".join(tok.special_tokens) + "".join(tok.special_tokens)
+    assert not set(tok.encode(everything)) & control
+    assert set(tok.encode(everything, allow_special=True)) >= control - {tok.special_tokens.get("<unk>")}

@@ -82,6 +82,10 @@ class FragmentTokenizer(Tokenizer):
             out.append(ids)
         return out
 
+    def split_special(self, text: str) -> list[str | int]:
+        """Text fragments and control-token ids of trusted text (a chat template's own structure)."""
+        return list(self._splitter.split(clean_text(text), True))
+
     def token_bytes(self, token_id: int) -> bytes:
         token_id = int(token_id)
         if not (0 <= token_id < self.vocab_size):
