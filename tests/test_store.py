@@ -359,6 +359,17 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path):
         {"path": "../../../etc/passwd", "digest": "sha256:" + "0" * 64, "size": 1}]}))
     with pytest.raises(StoreError, match="bad file path"):
         s.resolve("t")
+    # Wrong types anywhere are a clear error too, never a traceback (and never hide other models).
+    for bad in ({"weights": "x"}, {"weights": {"digest": "sha256:" + "0" * 64, "size": "big"}},
+                {"files": [{"digest": "sha256:" + "0" * 64, "size": 1}]}, {"external": {"path": 3}},
+                {"weights": {"digest": "sha256:" + "0" * 64, "size": 1}, "defaults": {"options": []}},
+                {"weights": {"digest": "sha256:" + "0" * 64, "size": 1}, "defaults": {"adapter": {"files": 1}}},
+                {"weights": {"digest": "sha256:" + "0" * 64, "size": 1}, "files": []}, {}):
+        p.write_text(json.dumps({"schema_version": 1, **bad}))
+        with pytest.raises(StoreError, match="corrupt"):
+            s.resolve("t")
+        assert {e.name: e.id for e in s.list()}["t:latest"] == "(corrupt)"
+        assert s.prune() == 0
     s.remove("t")
     assert "t:latest" not in s.names()
 

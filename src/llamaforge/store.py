@@ -345,6 +345,9 @@ class Store:
             raise StoreError(f"manifest of {n} is corrupt (not JSON); remove it with `llamaforge rm {n}`") from None
         if not isinstance(man, dict) or man.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"manifest of {n} has an unknown layout; remove it with `llamaforge rm {n}`")
+        reason = _manifest_problem(man)
+        if reason:
+            raise StoreError(f"manifest of {n} is corrupt ({reason}); remove it with `llamaforge rm {n}`")
         with contextlib.suppress(OSError):
             man["modified"] = p.stat().st_mtime   # not stored: the file's own time is the truth
         return man
@@ -813,6 +816,51 @@ def _manifest_trees(man: dict) -> list[list]:
     if isinstance(ad, dict) and ad.get("files"):
         out.append(ad["files"])
     return out
+
+
+def _file_entry_problem(f: Any, what: str) -> str | None:
+    if not isinstance(f, dict):
+        return f"{what} is not an object"
+    if not (isinstance(f.get("digest"), str) and _DIGEST_RE.fullmatch(f["digest"])):
+        return f"{what} has a bad digest"
+    size = f.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"{what} has a bad size"
+    return None
+
+
+def _manifest_problem(man: dict) -> str | None:
+    """What is structurally wrong with a manifest read from disk, or None. Paths are checked where used."""
+    kinds = [k for k in ("weights", "files", "external") if k in man]
+    if len(kinds) != 1:
+        return "it must name exactly one of weights / files / external"
+    if "weights" in man and (p := _file_entry_problem(man["weights"], "weights")):
+        return p
+    if "files" in man:
+        if not isinstance(man["files"], list) or not man["files"]:
+            return "files is not a non-empty list"
+        for f in man["files"]:
+            if (p := _file_entry_problem(f, "a file entry")) or not isinstance(f.get("path"), str):
+                return p or "a file entry has no path"
+    if "external" in man:
+        ext = man["external"]
+        if not isinstance(ext, dict) or not isinstance(ext.get("path"), str):
+            return "external has no path"
+    d = man.get("defaults", {})
+    if not isinstance(d, dict):
+        return "defaults is not an object"
+    if any(d.get(k) is not None and not isinstance(d[k], str) for k in ("system", "template")):
+        return "system / template is not text"
+    if d.get("options") is not None and not isinstance(d["options"], dict):
+        return "options is not an object"
+    ad = d.get("adapter")
+    if ad is not None:
+        if not isinstance(ad, dict) or not isinstance(ad.get("files"), list) or not ad["files"]:
+            return "adapter has no file list"
+        for f in ad["files"]:
+            if (p := _file_entry_problem(f, "an adapter file entry")) or not isinstance(f.get("path"), str):
+                return p or "an adapter file entry has no path"
+    return None
 
 
 def manifest_size(man: dict) -> int:
