@@ -189,8 +189,10 @@ def test_pull_hf_directory_as_tree_of_blobs(tmp_path):
     assert not any((moved / "blobs").iterdir()) and not any((moved / "trees").iterdir())
 
 
-def test_pull_rejects_non_models(tmp_path):
+def test_pull_rejects_non_models(tmp_path, vocab_dir):
     s = Store()
+    with pytest.raises(StoreError, match="unsupported architecture 'gpt2'"):
+        s.pull(vocab_dir / "ggml-vocab-gpt-2.gguf", "gpt2")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(StoreError, match="not a GGUF"):
         s.pull(tmp_path / "notes.txt", "notes")
