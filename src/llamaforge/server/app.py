@@ -409,6 +409,11 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
             app.state.server.begin_shutdown()
             await super().shutdown(sockets=sockets)
 
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after shutting down; a graceful stop is a clean exit (status 0).
+            self._captured_signals.clear()
+
     cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
                          lifespan="on", access_log=False)
     return _Server(cfg)
