@@ -160,6 +160,23 @@ def test_gguf_tokenizer_metadata_copied_with_types(tmp_path, smollm2_gguf):
     assert types2["tokenizer.ggml.eos_token_id"] == ("uint32", None)
 
 
+def test_write_gguf_accepts_tokenizer_objects(tmp_path, smollm2_gguf):
+    src = read_gguf(smollm2_gguf)
+    ref = make_tiny_hf("llama32", vocab_size=49152)
+    ref.save_pretrained(tmp_path / "hf")
+    lm = load_model(tmp_path / "hf")
+
+    class Described:
+        def gguf_metadata(self):
+            return src.metadata
+
+    out = write_gguf(tmp_path / "a.gguf", lm.config, lm.model.state_dict(), tokenizer=Described())
+    assert read_gguf(out).metadata["tokenizer.ggml.tokens"] == src.metadata["tokenizer.ggml.tokens"]
+    with pytest.warns(UserWarning, match="no GGUF metadata"):
+        out = write_gguf(tmp_path / "b.gguf", lm.config, lm.model.state_dict(), tokenizer=object())
+    assert not any(k.startswith("tokenizer.") for k in read_gguf(out).metadata)
+
+
 def test_write_gguf_is_atomic_and_validates_file_type(tmp_path, monkeypatch):
     ref = make_tiny_hf("llama2")
     ref.save_pretrained(tmp_path / "hf")

@@ -6,6 +6,7 @@ layout (`permute_qk`, the inverse of what the reader undoes), 1-D tensors (norms
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -69,6 +70,19 @@ def _tensor_data(name: str, t: torch.Tensor, file_type: str):
     return quantize(a, Q.Q8_0), Q.Q8_0
 
 
+def _tokenizer_mapping(tok):
+    """`tokenizer.*` metadata from a mapping or from a tokenizer object that can describe itself."""
+    if tok is None or isinstance(tok, Mapping):
+        return tok
+    meta = getattr(tok, "gguf_metadata", None)
+    meta = meta() if callable(meta) else meta
+    if isinstance(meta, Mapping):
+        return meta
+    warnings.warn(f"{type(tok).__name__} has no GGUF metadata (pass tokenizer_metadata=); "
+                  "the GGUF file will carry no vocabulary", stacklevel=3)
+    return None
+
+
 def write_gguf(path, config: ModelConfig, state_dict: Mapping[str, torch.Tensor],
                tokenizer_metadata: Mapping[str, Any] | None = None, file_type: str = "f16", *,
                tokenizer: Mapping[str, Any] | None = None, value_types: Mapping | None = None,
@@ -77,13 +91,14 @@ def write_gguf(path, config: ModelConfig, state_dict: Mapping[str, torch.Tensor]
 
     tokenizer_metadata (alias `tokenizer`): `tokenizer.*` keys to copy, e.g. `read_gguf(src).metadata`
     (other keys are ignored); `value_types` (e.g. `read_gguf(src).value_types`) keeps their exact types.
+    A tokenizer object is accepted if it offers `gguf_metadata` (a mapping or a method returning one).
     extra_metadata: further `general.*` keys (name, license, ...).
     """
     import gguf
     file_type = file_type.lower()
     if file_type not in FILE_TYPES:
         raise ValueError(f"file_type must be one of {', '.join(FILE_TYPES)}, got {file_type!r}")
-    tok = tokenizer_metadata if tokenizer_metadata is not None else tokenizer
+    tok = _tokenizer_mapping(tokenizer_metadata if tokenizer_metadata is not None else tokenizer)
     path = Path(path)
     with atomic_file(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
