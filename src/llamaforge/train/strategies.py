@@ -34,13 +34,23 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def target_logits(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor):
+    """(logits [N, V] at the N positions that have a label, those labels [N], their row index [N]).
+
+    The vocabulary projection is the costliest single matmul for small models with large vocabularies, and
+    only the labelled positions need it (assistant tokens are a small part of a chat example).
+    """
+    keep = labels != IGNORE                                  # [B, T]
+    h = model.hidden_states(input_ids)                       # [B, T, C]
+    rows = keep.nonzero()[:, 0]
+    return model.lm_head(h[keep]).float(), labels[keep], rows
+
+
 def sequence_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) over the positions whose label is not IGNORE, per row: [B]."""
-    logits = model(input_ids).float()                       # [B, T, V]
-    keep = labels != IGNORE
-    logp = torch.log_softmax(logits, dim=-1)
-    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, T]
-    return (picked * keep).sum(-1)
+    logits, tgt, rows = target_logits(model, input_ids, labels)
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, tgt[:, None]).squeeze(-1)  # [N]
+    return torch.zeros(input_ids.shape[0], device=picked.device, dtype=picked.dtype).index_add(0, rows, picked)
 
 
 def quantize_decoder_linears(model: nn.Module) -> int:
@@ -76,9 +86,8 @@ class Strategy:
 
     def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
         """Summed loss over the batch and summed statistics (divided by the global count by the trainer)."""
-        logits = model(batch["input_ids"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
-                               reduction="sum")
+        logits, tgt, _ = target_logits(model, batch["input_ids"], batch["labels"])
+        loss = F.cross_entropy(logits, tgt, reduction="sum")
         return loss, {"loss": loss.detach()}
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
