@@ -144,6 +144,10 @@ def test_hf_bytelevel_json_matches_transformers(tmp_path, smollm2_gguf):
     smol = load_tokenizer(smollm2_gguf)
     path = _bytelevel_json(smol, tmp_path / "smol")
     ours = load_tokenizer(tmp_path / "smol")
+    bom = tmp_path / "bom" / "tokenizer.json"
+    bom.parent.mkdir()
+    bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_tokenizer(bom).encode("Hello 2024") == ours.encode("Hello 2024")
     ref = PreTrainedTokenizerFast(tokenizer_file=str(path))
     assert ours.vocab_size == smol.vocab_size and ours.special_tokens == smol.special_tokens
     assert (ours.bos_id, ours.eos_id, ours.add_bos) == (1, 2, False)

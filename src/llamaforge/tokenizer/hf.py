@@ -27,7 +27,7 @@ def _read_json(path: Path, required: bool = True) -> dict | None:
     if path.stat().st_size > MAX_JSON_BYTES:
         raise TokenizerError(f"{path}: file too large for a tokenizer ({path.stat().st_size} bytes)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):

@@ -32,7 +32,7 @@ def sniff_tokenizer_file(path: Path) -> str:
         return "gguf"
     if not head:
         raise TokenizerError(f"{path}: empty file")
-    if head.lstrip()[:1] == b"{":
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"{":  # JSON, with or without a UTF-8 BOM
         return "json"
     first = head.split(b"\n", 1)[0]
     if _TIKTOKEN_LINE.match(first):
