@@ -166,6 +166,8 @@ def test_tiny_vocabs_work():
     (lambda m: m.update({"tokenizer.ggml.model": "t5"}), "unsupported"),
     (lambda m: m.pop("tokenizer.ggml.model"), "no tokenizer"),
     (lambda m: m.update({"tokenizer.ggml.tokens": []}), "empty"),
+    (lambda m: m["tokenizer.ggml.tokens"].__setitem__(256, "a\udcff"), "UTF-8"),
+    (lambda m: m.update({"tokenizer.ggml.tokens": "abc"}), "array"),
 ])
 def test_malformed_bpe_vocab(breakage, match):
     meta = _bpe_meta()
@@ -177,6 +179,9 @@ def test_malformed_bpe_vocab(breakage, match):
 @pytest.mark.parametrize("breakage, match", [
     (lambda m: m["tokenizer.ggml.tokens"].__setitem__(3, "<0xZZ>"), "<0xZZ>"),
     (lambda m: m["tokenizer.ggml.scores"].pop(), "scores"),
+    (lambda m: m["tokenizer.ggml.scores"].__setitem__(7, "high"), "malformed"),
+    (lambda m: m["tokenizer.ggml.token_type"].__setitem__(7, "x"), "malformed"),
+    (lambda m: m.update({"tokenizer.ggml.bos_token_id": "one"}), "malformed"),
     (lambda m: m["tokenizer.ggml.tokens"].__setitem__(261, "a"), "twice"),
     (lambda m: m["tokenizer.ggml.token_type"].__setitem__(1, 2), "unknown tokens"),
     (lambda m: m["tokenizer.ggml.token_type"].__setitem__(5, 9), "token type"),

@@ -5,12 +5,15 @@ file says otherwise; BPE vocabularies add BOS only for the llama3 pre-tokenizer 
 """
 from __future__ import annotations
 
+import re
+import struct
 from typing import Any, Mapping
 
 from ..errors import TokenizerError
 from .spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 
 P = "tokenizer.ggml."
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _list(meta: Mapping[str, Any], key: str, required: bool = True):
@@ -39,7 +42,20 @@ def _opt_id(meta, key, n):
 
 
 def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], path=None):
-    """Build the Tokenizer a GGUF file describes. `metadata`: its decoded key/value dict."""
+    """Build the Tokenizer a GGUF file describes. `metadata`: its decoded key/value dict.
+
+    Anything malformed (wrong types, lengths, ids, merges, byte tokens) raises TokenizerError.
+    """
+    if not isinstance(metadata, Mapping):
+        raise TokenizerError("GGUF metadata must be a mapping of key to value")
+    try:
+        return _build(metadata, path)
+    except (TypeError, ValueError, OverflowError, struct.error) as e:
+        # Untrusted metadata of the wrong type (a number where a list belongs, a string score, ...).
+        raise TokenizerError(f"{path or 'GGUF'}: malformed tokenizer metadata ({type(e).__name__}: {e})") from None
+
+
+def _build(metadata: Mapping[str, Any], path):
     kind = metadata.get(P + "model")
     if kind is None:
         raise TokenizerError(f"{path or 'GGUF'}: no tokenizer.ggml.model key (no vocabulary in this file)")
@@ -49,6 +65,9 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], path=None):
         raise TokenizerError("tokenizer.ggml.tokens is empty")
     if not all(isinstance(t, str) for t in tokens):
         raise TokenizerError("tokenizer.ggml.tokens must hold strings")
+    for i, t in enumerate(tokens):
+        if _SURROGATE.search(t):  # a reader's surrogateescape marks bytes that were not UTF-8
+            raise TokenizerError(f"token {i} is not valid UTF-8")
     types = _list(metadata, "token_type", required=False) or [NORMAL] * n
     if len(types) != n:
         raise TokenizerError(f"tokenizer.ggml.token_type has {len(types)} entries but there are {n} tokens")
