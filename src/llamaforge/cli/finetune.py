@@ -91,8 +91,9 @@ def _train(task: str, argv: list[str]) -> int:
 def _merge(argv: list[str]) -> int:
     from pathlib import Path
     args = _merge_parser().parse_args(argv)
-    from ..train.lora import LoRALinear, apply_adapter, merge_lora
+    from ..train.lora import LoRALinear, apply_adapter, merge_lora, read_adapter_config
     from ..train.trainer import load_base_model
+    read_adapter_config(args.adapter)  # fail before the slow model load
     lm = load_base_model(args.model)
     apply_adapter(lm, args.adapter, merge=True)
     if any(isinstance(m, LoRALinear) for m in lm.model.modules()):

@@ -128,6 +128,8 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------------------------
     def _setup(self):
         cfg = self.cfg
+        if self._examples is None and not Path(cfg.data).is_file():  # fail before the slow model load
+            raise DatasetError(cfg.data, None, "no such file")
         self.device = _pick_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = _Dist(self.device.type)
         torch.manual_seed(cfg.seed)  # same on every rank: identical LoRA init everywhere
