@@ -119,6 +119,12 @@ def test_loader_sniffs_by_content(tmp_path, llama3_tokenizer_model, vocab_dir):
             load_tokenizer(p)
     with pytest.raises(TokenizerError):
         load_tokenizer(tmp_path / "missing.json")
+    big = tmp_path / "weights.bin"
+    with open(big, "wb") as f:  # sparse: looks like a SentencePiece proto, far too big to be one
+        f.write(b"\x0a\x05hello")
+        f.truncate(300 << 20)
+    with pytest.raises(TokenizerError, match="too large"):
+        load_tokenizer(big)
     with pytest.raises(TokenizerError, match="no tokenizer"):
         load_tokenizer(tmp_path / "spm" / "..")  # a directory with nothing usable at top level
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from ..errors import ModelFormatError, TokenizerError
 from .base import Tokenizer
 
+MAX_TOKENIZER_FILE_BYTES = 256 << 20
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} [0-9]+\r?$")
 
 
@@ -66,6 +67,9 @@ def load_tokenizer(source) -> Tokenizer:
     if not path.is_file():
         raise TokenizerError(f"{path}: no such tokenizer file or directory")
     kind = sniff_tokenizer_file(path)
+    if kind != "gguf" and path.stat().st_size > MAX_TOKENIZER_FILE_BYTES:
+        # Read whole into memory below: refuse e.g. a weights file handed over by mistake.
+        raise TokenizerError(f"{path}: {path.stat().st_size} bytes is too large for a tokenizer file")
     if kind == "gguf":
         from .gguf_meta import read_gguf_metadata
         try:
