@@ -299,3 +299,14 @@ def test_sandbox_budget_is_per_thread(smol):
         return good.encode(CONVERSATIONS[2])
     with ThreadPoolExecutor(4) as pool:
         assert all(r == want for r in pool.map(run, range(12)))
+
+
+def test_long_conversation_fits_the_output_bound(smol):
+    # More content than the fixed bound: fine, because the bound grows with the input...
+    msgs = [{"role": "user", "content": "word " * 3000}, {"role": "assistant", "content": "ok " * 5000}]
+    ids = JinjaChatFormat(smol, smol.chat_template, max_output=10_000).encode(msgs)
+    assert ids == chat_format_for(smol).encode(msgs)
+    # ...while a template that amplifies its input is still cut off.
+    amplify = "{% for m in messages %}{% for i in range(5) %}{{ m['content'] }}{% endfor %}{% endfor %}"
+    with pytest.raises(TemplateError, match="exceeds"):
+        JinjaChatFormat(smol, amplify, max_output=10_000).encode(msgs)

@@ -260,19 +260,21 @@ class JinjaChatFormat(ChatFormat):
 
     name = "jinja"
 
-    def __init__(self, tokenizer: Tokenizer, template: str, **extra_context):
-        from .jinja_sandbox import ChatTemplate
+    def __init__(self, tokenizer: Tokenizer, template: str, *, max_output: int | None = None, **extra_context):
+        from .jinja_sandbox import MAX_OUTPUT_CHARS, ChatTemplate
         super().__init__(tokenizer)
-        self.template = ChatTemplate(template)
+        self.template = ChatTemplate(template, max_output or MAX_OUTPUT_CHARS)
         self.extra = extra_context
 
     def _context(self, msgs, add_generation_prompt):
         tok = self.tokenizer
+
         def piece(i):
             return tok.id_to_piece(i) if i is not None else ""
+        # The output bound grows with the conversation (twice its size), never with the template's whims.
         return dict(self.extra, messages=[{"role": r, "content": c} for r, c in msgs],
                     add_generation_prompt=add_generation_prompt, bos_token=piece(tok.bos_id),
-                    eos_token=piece(tok.eos_id))
+                    eos_token=piece(tok.eos_id), extra_output=2 * sum(len(c) for _, c in msgs))
 
     def render_text(self, messages, add_generation_prompt: bool = True) -> str:
         """The template's own rendering of `messages` (what transformers' apply_chat_template prints)."""

@@ -94,6 +94,10 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
         self.globals["lf_loop_guard"] = self._loop_guard
         self.globals["namespace"] = _Namespace
 
+    def _limit(self) -> int:
+        budget = _budget()
+        return budget.max_output if budget is not None else self.max_output
+
     # -- sandbox hooks --
     def unsafe_undefined(self, obj, attribute):
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
@@ -106,11 +110,11 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
                 raise TemplateError("chat template exponent too large")
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self.max_output:
-                    raise TemplateError(f"chat template repetition exceeds {self.max_output} items")
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > self._limit():
+                    raise TemplateError(f"chat template repetition exceeds {self._limit()} items")
         if operator == "%" and isinstance(left, str):
             widths = [int(w) for w in _FORMAT_WIDTH.findall(left)]
-            if widths and max(widths) > self.max_output:
+            if widths and max(widths) > self._limit():
                 raise TemplateError("chat template format width too large")
         result = super().call_binop(context, operator, left, right)
         if budget is not None and isinstance(result, (str, list, tuple)):
@@ -133,7 +137,7 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
     def _bounded_filter(self, fn, name):
         def bounded(*args, **kwargs):
             for a in list(args[1:]) + list(kwargs.values()):
-                if isinstance(a, int) and a > self.max_output:
+                if isinstance(a, int) and a > self._limit():
                     raise TemplateError(f"chat template filter {name!r} argument too large")
             out = fn(*args, **kwargs)
             return self.lf_checked(out)
@@ -178,17 +182,20 @@ class ChatTemplate:
         except RecursionError:
             raise TemplateError("chat template is nested too deeply") from None
 
-    def render(self, **context) -> str:
+    def render(self, *, extra_output: int = 0, **context) -> str:
+        """Render with `context`; the output bound is the environment's plus `extra_output` (the caller's
+        input size, so long legitimate conversations fit while a template cannot amplify its input)."""
         env = self.env
+        limit = env.max_output + max(0, int(extra_output))
         outer = _budget()  # renders do not nest today, but restore whatever was there
-        _state.budget = _Budget(env.max_output)
+        _state.budget = _Budget(limit)
         out: list[str] = []
         total = 0
         try:
             for chunk in self.template.generate(**context):
                 total += len(chunk)
-                if total > env.max_output:
-                    raise TemplateError(f"chat template output exceeds {env.max_output} characters")
+                if total > limit:
+                    raise TemplateError(f"chat template output exceeds {limit} characters")
                 out.append(chunk)
         except TemplateError:
             raise
