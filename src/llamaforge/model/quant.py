@@ -3,9 +3,11 @@
 Formats (`quant`):
   "none" - dense weights in the model's dtype (the float32 reference).
   "bf16" - dense bfloat16 weights and activations (oneDNN bf16 GEMMs on AVX-512 BF16 CPUs and on GPUs).
-  "int8" - int8 weights, one scale per output row (`torch._weight_int8pack_mm`), bfloat16 activations.
+  "int8" - int8 weights, one scale per output row (`torch._weight_int8pack_mm`).
   "q4"   - 4-bit weights in groups of 32 with a scale and a zero point per group
-           (`aten._weight_int4pack_mm_for_cpu`), bfloat16 activations; the tied embedding / lm_head is int8.
+           (`aten._weight_int4pack_mm_for_cpu`); the tied embedding / lm_head is int8.
+  The packed kernels take bfloat16 inputs; everything else (residual stream, norms, attention, KV cache) stays
+  float32.
            GGUF Q4_0 / Q4_1 blocks are 32-element groups already, so they convert without re-quantizing.
 
 The packed kernels compute w = (q - 8) * scale + zero per group (the "tinygemm" convention); Q4_1 stores
@@ -94,7 +96,7 @@ class Int4Linear(nn.Module):
                                                        self.packed, GROUP, self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
@@ -121,7 +123,7 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -130,7 +132,7 @@ class Int8Linear(nn.Module):
 class Int8Embedding(nn.Module):
     """Embedding rows stored as int8 with one scale per row; can share storage with a tied Int8Linear."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype = ACT_DTYPE):
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, act_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.act_dtype = act_dtype
         self.num_embeddings, self.embedding_dim = qweight.shape
@@ -150,6 +152,9 @@ class Int8Embedding(nn.Module):
 def int4_from_float(w: torch.Tensor):
     """Asymmetric 4-bit groups of 32 (min/max per group) -> (q [N,K] uint8, scale, zero [N,K/32])."""
     N, K = w.shape
+    if K % GROUP:
+        raise ModelFormatError(None, f"a {N}x{K} weight cannot be packed as 4-bit: its row length is not a "
+                                     f"multiple of {GROUP}; use quant='int8' or 'bf16'")
     g = w.float().reshape(N, K // GROUP, GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
     scale = ((hi - lo) / 15).clamp_min(1e-12)
@@ -253,17 +258,18 @@ def quantize_model(model, quant, gguf=None, *, device="cpu"):
             delattr(mlp, n)
     # Embedding and lm_head: int8 rows (also for "q4": the logits are what perplexity sees first).
     q, s = source.int8("model.embed_tokens.weight")
-    model.model.embed_tokens = Int8Embedding(q, s.to(ACT_DTYPE))
+    model.model.embed_tokens = Int8Embedding(q, s)
     if model.config.tie_word_embeddings:
         model.lm_head = Int8Linear(q, s)
         model.lm_head.qweight = model.model.embed_tokens.qweight      # one copy of the table
     else:
         model.lm_head = Int8Linear(*source.int8("lm_head.weight"))
-    # What is left (norms, biases) runs in the activation dtype.
+    # What is left (norms) stays float32, and so do the residual stream, attention and the KV cache: only the
+    # packed matmuls take bfloat16 inputs. On CPU, bf16 SDPA is ~7x slower than float32 at decode sizes, and
+    # the float32 residual keeps perplexity closer to the reference (bench/NOTES.md).
     for name, p in list(model.named_parameters()):
         if p.is_meta:
             source.fill(model, name)
-    model.to(ACT_DTYPE)
     model._quant = quant
     return model
 

@@ -1,0 +1,367 @@
+"""Side-by-side benchmark: llamaforge vs llama.cpp (llama-cpp-python) vs transformers on the same GGUF.
+
+    python bench/run.py [--reps 3] [--threads 2] [--configs llamaforge,llamaforge:none,llama.cpp,hf-fp32,hf-bf16]
+
+Every (configuration, repetition) runs in its own fresh subprocess, so peak RSS and load time are clean, and the
+repetitions are interleaved (rep 1 of every config, then rep 2, ...) so a noisy neighbour hurts all configs alike.
+Each worker measures, with the same prompt token ids and thread count: load time, prefill tokens/s at 128 and 512
+prompt tokens, time to first token (128-token prompt), greedy decode tokens/s over 128 new tokens, peak RSS.
+Perplexity on bench/texts/essay.txt (non-overlapping 512-token windows, the same token ids for every runtime)
+runs once per configuration in a separate worker (its full-logit buffers would distort the RSS figures).
+Output: a Markdown table on stdout and bench/out/results.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (OUT, TEXT, Timer, nll_sum, peak_rss_mb, perplexity_windows, smollm2_gguf,  # noqa: E402
+                    summarize, write_json_atomic, write_text_atomic)
+
+DEFAULT_CONFIGS = ["llamaforge", "llamaforge:none", "llama.cpp", "hf-fp32", "hf-bf16"]
+PEERS = ["llama.cpp", "hf-fp32", "hf-bf16"]
+PROMPT_LENS = (128, 512)
+NEW_TOKENS = 128
+N_CTX = 1024          # cache / context size for the speed runs (512 prompt + headroom)
+PPL_CTX = 512
+METRICS = [  # key, label, unit, higher is better
+    ("prefill_128", "prefill 128", "tok/s", True), ("prefill_512", "prefill 512", "tok/s", True),
+    ("decode", "decode", "tok/s", True), ("ttft_ms", "TTFT (128)", "ms", False),
+    ("rss_mb", "peak RSS", "MB", False), ("load_s", "load", "s", False),
+]
+
+
+# --------------------------------------------------------------------------------------------- runtimes
+class LlamaforgeRunner:
+    def __init__(self, path: Path, quant: str | None, threads: int):
+        import torch
+        torch.set_num_threads(threads)
+        import llamaforge
+        self.torch = torch
+        with Timer() as t:
+            kw = {"dtype": "float32"} if quant == "none" else {"quant": quant}
+            self.lm = llamaforge.load(str(path), **kw)
+        self.load_s = t.s
+        self.model = self.lm.model
+        self.name_detail = self.lm.metadata.get("quant") or "none"
+        self.cache = self.model.new_cache(1, N_CTX)
+
+    def prefill(self, ids):
+        with self.torch.inference_mode():
+            logits = self.model(self.torch.tensor([ids]), cache=self.cache, input_pos=0, last_only=True)
+        self.pos = len(ids)
+        return int(logits[0, -1].argmax())
+
+    def step(self, tok):
+        with self.torch.inference_mode():
+            logits = self.model(self.torch.tensor([[tok]]), cache=self.cache, input_pos=self.pos, last_only=True)
+        self.pos += 1
+        return int(logits[0, -1].argmax())
+
+    def logits(self, ids):
+        with self.torch.inference_mode():
+            return self.model(self.torch.tensor([ids]))[0].float().numpy()
+
+
+class LlamaCppRunner:
+    def __init__(self, path: Path, threads: int, logits_all: bool = False):
+        import llama_cpp
+        import numpy as np
+        self.np = np
+        with Timer() as t:
+            self.llm = llama_cpp.Llama(str(path), n_ctx=N_CTX if not logits_all else PPL_CTX, n_batch=512,
+                                       n_threads=threads, n_threads_batch=threads, logits_all=logits_all,
+                                       verbose=False)
+        self.load_s = t.s
+        self.name_detail = f"llama-cpp-python {llama_cpp.__version__}"
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def step(self, tok):
+        self.llm.eval([tok])
+        return int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def logits(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self.np.array(self.llm.scores[:len(ids)], dtype=self.np.float32)
+
+
+class HFRunner:
+    def __init__(self, path: Path, dtype: str, threads: int):
+        import torch
+        torch.set_num_threads(threads)
+        from transformers import AutoModelForCausalLM
+        self.torch = torch
+        with Timer() as t:
+            self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                              dtype=getattr(torch, dtype)).eval()
+        self.load_s = t.s
+        import transformers
+        self.name_detail = f"transformers {transformers.__version__} {dtype}"
+
+    def prefill(self, ids):
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        self.pkv = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def step(self, tok):
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([[tok]]), past_key_values=self.pkv, use_cache=True)
+        self.pkv = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def logits(self, ids):
+        with self.torch.inference_mode():
+            return self.model(self.torch.tensor([ids])).logits[0].float().numpy()
+
+
+def make_runner(config: str, path: Path, threads: int, for_ppl: bool = False):
+    if config == "llamaforge" or config.startswith("llamaforge:"):
+        quant = config.partition(":")[2] or None
+        return LlamaforgeRunner(path, quant, threads)
+    if config == "llama.cpp":
+        return LlamaCppRunner(path, threads, logits_all=for_ppl)
+    if config in ("hf-fp32", "hf-bf16"):
+        return HFRunner(path, {"hf-fp32": "float32", "hf-bf16": "bfloat16"}[config], threads)
+    raise SystemExit(f"unknown configuration {config!r}")
+
+
+# --------------------------------------------------------------------------------------------- workers
+def worker_speed(config: str, path: Path, ids: list[int], threads: int) -> dict:
+    r = make_runner(config, path, threads)
+    # Warm-up: first calls pay for lazy initialisation (kernels, allocator), not what we measure.
+    r.prefill(ids[:16])
+    tok = r.step(r.prefill(ids[:16]))
+    res = {"config": config, "detail": r.name_detail, "load_s": r.load_s}
+    for n in PROMPT_LENS:
+        with Timer() as t:
+            r.prefill(ids[:n])
+        res[f"prefill_{n}"] = n / t.s
+    # TTFT and decode on the 128-token prompt: greedy, NEW_TOKENS tokens, the first token is the TTFT.
+    with Timer() as t:
+        tok = r.prefill(ids[:PROMPT_LENS[0]])
+    res["ttft_ms"] = 1000 * t.s
+    out = [tok]
+    with Timer() as t:
+        for _ in range(NEW_TOKENS - 1):
+            tok = r.step(tok)
+            out.append(tok)
+    res["decode"] = (NEW_TOKENS - 1) / t.s
+    res["rss_mb"] = peak_rss_mb()
+    res["greedy_ids"] = out
+    return res
+
+
+def worker_ppl(config: str, path: Path, ids: list[int], threads: int) -> dict:
+    r = make_runner(config, path, threads, for_ppl=True)
+    nll, n = 0.0, 0
+    for w in perplexity_windows(ids, PPL_CTX):
+        lg = r.logits(w)
+        nll += nll_sum(lg[:-1], w[1:])
+        n += len(w) - 1
+    import math
+    return {"config": config, "ppl": math.exp(nll / n), "ppl_tokens": n}
+
+
+# --------------------------------------------------------------------------------------------- driver
+def text_ids(path: Path) -> list[int]:
+    """Token ids of the perplexity text (also the prompts), with the GGUF's own vocabulary."""
+    text = TEXT.read_text(encoding="utf-8")
+    try:
+        import llama_cpp
+        vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        return vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    except ImportError:
+        from llamaforge.formats.load import load_model  # tokenizer only; weights are not the point here
+        return load_model(path, quant="q4").tokenizer.encode(text)
+
+
+def run_worker(task: str, config: str, ids_file: Path, threads: int, path: Path, timeout: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", config, "--task", task, "--ids-file", str(ids_file),
+           "--threads", str(threads), "--model", str(path)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"config": config, "error": f"timed out after {timeout} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        return {"config": config, "error": f"exit {p.returncode}: {' | '.join(tail)}"}
+    return json.loads(lines[-1])
+
+
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    if unit == "ms" or unit == "MB":
+        return f"{v:.0f}"
+    if unit == "s":
+        return f"{v:.2f}"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def aggregate(configs, runs, ppl):
+    table = {}
+    for c in configs:
+        rs = [r for r in runs if r["config"] == c and "error" not in r]
+        row = {k: summarize([r[k] for r in rs]) for k, *_ in METRICS}
+        row["detail"] = rs[0]["detail"] if rs else None
+        row["errors"] = [r["error"] for r in runs if r["config"] == c and "error" in r]
+        row["ppl"] = ppl.get(c, {}).get("ppl")
+        row["ppl_error"] = ppl.get(c, {}).get("error")
+        row["greedy_ids"] = rs[0]["greedy_ids"] if rs else None
+        table[c] = row
+    return table
+
+
+def ratios(table, ours: str) -> dict:
+    """ours / peer for every metric (for tok/s higher is better; for RSS, TTFT, load lower is better)."""
+    out = {}
+    for peer in PEERS:
+        if peer not in table or ours not in table:
+            continue
+        r = {}
+        for k, *_ in METRICS:
+            a, b = table[ours][k]["median"], table[peer][k]["median"]
+            r[k] = a / b if a and b else None
+        out[peer] = r
+    return out
+
+
+def markdown(table, rat, ours, meta) -> str:
+    lines = [f"# llamaforge benchmark: {meta['model']}", "",
+             f"{meta['date']} · {meta['threads']} threads · {meta['reps']} interleaved repetitions · "
+             f"median (± half-range %) · CPU: {meta['cpu']}", ""]
+    head = "| config | " + " | ".join(f"{lab} ({unit})" for _, lab, unit, _ in METRICS) + " | perplexity |"
+    lines += [head, "|" + "---|" * (len(METRICS) + 2)]
+    for c, row in table.items():
+        cells = []
+        for k, _, unit, _ in METRICS:
+            s = row[k]
+            cell = fmt(s["median"], unit)
+            if s.get("spread_pct") is not None and s["n"] > 1:
+                cell += f" ±{s['spread_pct']:.0f}%"
+            cells.append(cell)
+        ppl = f"{row['ppl']:.3f}" if row["ppl"] else (row["ppl_error"] or "-")
+        lines.append(f"| {c} ({row['detail']}) | " + " | ".join(cells) + f" | {ppl} |")
+    lines += ["", f"Ratios, {ours} / peer (tok/s: higher is better; TTFT, RSS, load: lower is better):", "",
+              "| peer | " + " | ".join(lab for _, lab, _, _ in METRICS) + " | perplexity |",
+              "|" + "---|" * (len(METRICS) + 2)]
+    for peer, r in rat.items():
+        p0, p1 = table[ours]["ppl"], table[peer]["ppl"]
+        pr = f"{p0 / p1:.4f}" if p0 and p1 else "-"
+        lines.append(f"| {peer} | " + " | ".join("-" if r[k] is None else f"{r[k]:.2f}x" for k, *_ in METRICS)
+                     + f" | {pr} |")
+    errs = [(c, e) for c, row in table.items() for e in row["errors"]]
+    if errs:
+        lines += ["", "Errors:"] + [f"- {c}: {e}" for c, e in errs]
+    return "\n".join(lines) + "\n"
+
+
+def chart(table, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    configs = list(table)
+    panels = [("prefill_128", "prefill 128 (tok/s)"), ("prefill_512", "prefill 512 (tok/s)"),
+              ("decode", "decode (tok/s)"), ("rss_mb", "peak RSS (MB)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (k, title) in zip(axes, panels):
+        med = [table[c][k]["median"] or 0 for c in configs]
+        lo = [m - (table[c][k]["min"] or m) for c, m in zip(configs, med)]
+        hi = [(table[c][k]["max"] or m) - m for c, m in zip(configs, med)]
+        ax.bar(range(len(configs)), med, yerr=[lo, hi], capsize=3,
+               color=["C0" if c.startswith("llamaforge") else "C7" for c in configs])
+        ax.set_xticks(range(len(configs)), configs, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                    help="comma list: llamaforge[:QUANT] (QUANT: none, bf16, int8, q4), llama.cpp, hf-fp32, hf-bf16")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: the SmolLM2-135M Q4_1 file)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity column")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--task", help=argparse.SUPPRESS)
+    ap.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    path = a.model or smollm2_gguf()
+    if a.reps < 1 or a.threads < 1:
+        ap.error("--reps and --threads must be >= 1")
+    if not path.is_file():
+        ap.error(f"no such model file: {path}")
+
+    if a.worker:
+        ids = json.loads(a.ids_file.read_text())
+        res = (worker_speed if a.task == "speed" else worker_ppl)(a.worker, path, ids, a.threads)
+        print(json.dumps(res))
+        return 0
+
+    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    ours = next((c for c in configs if c.startswith("llamaforge")), None)
+    ids = text_ids(path)
+    if len(ids) < max(PROMPT_LENS):
+        raise SystemExit(f"{TEXT} has only {len(ids)} tokens; need {max(PROMPT_LENS)}")
+    a.out.mkdir(parents=True, exist_ok=True)
+    ids_file = a.out / "text_ids.json"
+    write_json_atomic(ids_file, ids)
+    runs = []
+    for rep in range(a.reps):
+        order = configs[rep % len(configs):] + configs[:rep % len(configs)]  # rotate: no config always first
+        for c in order:
+            t0 = time.perf_counter()
+            r = run_worker("speed", c, ids_file, a.threads, path, a.timeout)
+            r["rep"] = rep
+            runs.append(r)
+            msg = r.get("error") or (f"prefill128 {r['prefill_128']:.0f} prefill512 {r['prefill_512']:.0f} "
+                                     f"decode {r['decode']:.1f} tok/s rss {r['rss_mb']:.0f} MB load {r['load_s']:.2f} s")
+            print(f"[rep {rep + 1}/{a.reps}] {c}: {msg} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
+    ppl = {}
+    if not a.no_ppl:
+        for c in configs:
+            ppl[c] = run_worker("ppl", c, ids_file, a.threads, path, a.timeout)
+            print(f"[ppl] {c}: {ppl[c].get('ppl') or ppl[c].get('error')}", file=sys.stderr, flush=True)
+    table = aggregate(configs, runs, ppl)
+    rat = ratios(table, ours) if ours else {}
+    import platform
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    meta = {"model": path.name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": a.threads,
+            "reps": a.reps, "cpu": cpu, "loadavg": os.getloadavg(), "prompt_lens": PROMPT_LENS,
+            "new_tokens": NEW_TOKENS, "ppl_text": TEXT.name, "ppl_tokens": len(ids), "ppl_ctx": PPL_CTX}
+    md = markdown(table, rat, ours, meta)
+    write_text_atomic(a.out / "results.md", md)
+    write_json_atomic(a.out / "results.json", {"meta": meta, "results": table, "ratios": rat, "runs": runs})
+    try:
+        chart(table, a.out / "results.png")
+    except ImportError as e:
+        print(f"chart skipped: {e}", file=sys.stderr)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
