@@ -123,6 +123,12 @@ def test_merge_command_and_errors(tmp_path, hf_dir, pretok):
     ids = torch.randint(8, VOCAB, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(m(ids), ref(ids), atol=1e-5, rtol=1e-5)
+    gg = tmp_path / "merged.gguf"
+    r = subprocess.run(_cmd("merge", "--model", hf_dir, "--adapter", out, "--out", gg, "--gguf-type", "f32"),
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(gg).model(ids), ref(ids), atol=1e-4, rtol=1e-4)
     # Bad input: one clear line, exit 1, no traceback.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n')

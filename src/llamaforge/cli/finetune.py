@@ -100,9 +100,17 @@ def _merge(argv: list[str]) -> int:
         merge_lora(lm.model)  # quantized bases: dequantize and fold
     to = args.to or ("gguf" if args.out.endswith(".gguf") else "hf")
     if to == "gguf":
-        from ..formats.gguf import write_gguf
+        from ..formats.gguf import is_gguf, read_gguf, write_gguf
         sd = {k: v.detach() for k, v in lm.model.state_dict().items()}
-        write_gguf(Path(args.out), lm.config, sd, tokenizer=lm.tokenizer, file_type=args.gguf_type)
+        if lm.path is not None and Path(lm.path).is_file() and is_gguf(lm.path):
+            # Carry the base file's vocabulary and chat template over unchanged.
+            gf = read_gguf(lm.path)
+            tok_meta = {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}
+            types = {k: v for k, v in gf.value_types.items() if k in tok_meta}
+            gf.close()
+            write_gguf(Path(args.out), lm.config, sd, tok_meta, file_type=args.gguf_type, value_types=types)
+        else:
+            write_gguf(Path(args.out), lm.config, sd, file_type=args.gguf_type, tokenizer=lm.tokenizer)
     else:
         from ..train.strategies import save_full_model
         save_full_model(lm.model, Path(args.out), lm)
