@@ -170,3 +170,9 @@ def test_config_file_and_validation(tmp_path):
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(InvalidRequestError, match="bad.yaml"):
         TrainConfig.from_file(tmp_path / "bad.yaml")
+
+
+def test_bf16_autocast_tracks_fp32(tmp_path, facts):
+    a = _run(tmp_path, facts, "a", method="lora", lr=1e-2, max_steps=2)
+    b = _run(tmp_path, facts, "b", method="lora", lr=1e-2, max_steps=2, precision="bf16")
+    assert b.losses == pytest.approx(a.losses, abs=0.05) and b.losses != a.losses
