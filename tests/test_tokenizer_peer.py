@@ -66,3 +66,10 @@ def test_smollm2_special_parsing_vs_llama_cpp(smollm2_gguf, text):
     text = text.replace("x", "<|im_start|>").replace("é", "<file_sep>")
     want = ref.tokenize(text.encode("utf-8"), add_bos=False, special=True)
     assert ours.encode(text, allow_special=True) == want, repr(text)
+
+
+@SET
+@given(text=TEXT)
+def test_phi3_vs_llama_cpp(vocab_dir, text):
+    # Messy token types: </s> user-defined (always matched), padding typed unknown, <unk> typed control.
+    _agree(vocab_dir / "ggml-vocab-phi-3.gguf", text.replace("x", "</s>").replace("é", "[PAD32011]"))

@@ -7,9 +7,10 @@ from ..errors import TokenizerError
 from .base import Tokenizer
 from .text import SpecialSplitter, clean_text
 
-# Names that mark the end of a chat turn in the vocabularies we know (Llama 3, ChatML, Gemma-style, Phi-3).
-EOT_NAMES = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-             "<|end_of_text|>")
+# End-of-turn / end-of-generation token texts: llama.cpp's list (llama-vocab.cpp), which it stops on and
+# always treats as control tokens.
+EOT_NAMES = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "</s>", "<|endoftext|>", "<|end_of_text|>",
+             "<EOT>", "_<EOT>", "<end_of_utterance>", "<end_of_turn>")
 
 
 class FragmentTokenizer(Tokenizer):

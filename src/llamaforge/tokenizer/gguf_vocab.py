@@ -10,9 +10,11 @@ import struct
 from typing import Any, Mapping
 
 from ..errors import TokenizerError
+from .common import EOT_NAMES
 from .spm_proto import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED
 
 P = "tokenizer.ggml."
+EOG_TEXTS = frozenset(EOT_NAMES)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -72,6 +74,10 @@ def _build(metadata: Mapping[str, Any], path):
     if len(types) != n:
         raise TokenizerError(f"tokenizer.ggml.token_type has {len(types)} entries but there are {n} tokens")
     types = [NORMAL if t == 0 else int(t) for t in types]
+    for i, t in enumerate(tokens):
+        # llama.cpp treats these end-of-generation texts as control tokens whatever the file says.
+        if t in EOG_TEXTS and types[i] != CONTROL:
+            types[i] = CONTROL
     arch = metadata.get("general.architecture")
     declared = metadata.get(f"{arch}.vocab_size") if arch else None
     if declared is not None and int(declared) != n:
@@ -115,13 +121,16 @@ def _spm(meta, tokens, types, common, eot):
             raise TokenizerError(f"token {i} {t!r} has unknown token type {ty}")
         if not t:
             raise TokenizerError(f"token {i} is empty")
+    # SentencePiece wants exactly one unknown piece: the declared one (llama.cpp's default: id 0). Files in
+    # the wild also mark padding as "unknown" or <unk> as control; those become control pieces here, which
+    # like llama.cpp never come out of plain text.
     unk = _opt_id(meta, "unknown_token_id", n)
-    if UNKNOWN not in types:
-        # SentencePiece needs exactly one unknown piece; llama.cpp defaults it to id 0.
-        types[unk if unk is not None else 0] = UNKNOWN
-    unk_ids = [i for i, ty in enumerate(types) if ty == UNKNOWN]
-    if len(unk_ids) > 1:
-        raise TokenizerError(f"the vocabulary has several unknown tokens: {unk_ids[:5]}")
+    marked = [i for i, ty in enumerate(types) if ty == UNKNOWN]
+    if unk is None:
+        unk = marked[0] if marked else 0
+    for i in marked:
+        types[i] = CONTROL
+    types[unk] = UNKNOWN
     if len(set(tokens)) != n:
         seen, dup = set(), None
         for t in tokens:
@@ -133,7 +142,7 @@ def _spm(meta, tokens, types, common, eot):
     proto = model_proto(tokens, scores, types, byte_fallback=BYTE in types,
                         add_dummy_prefix=_flag(meta, "add_space_prefix", True),
                         remove_extra_whitespaces=_flag(meta, "remove_extra_whitespaces", False),
-                        unk_id=unk_ids[0])
+                        unk_id=unk)
     tok = SentencePieceTokenizer.from_proto(
         proto, add_bos=_flag(meta, "add_bos_token", True), add_eos=_flag(meta, "add_eos_token", False),
         source="gguf", **common)
