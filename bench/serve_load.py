@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server started here")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "serve_load.json"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "serve_load.json"))
     args = p.parse_args(argv)
 
     proc = None

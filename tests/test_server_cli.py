@@ -63,7 +63,7 @@ def test_serve_health_key_and_sigterm(smollm2_gguf):
             it = resp.iter_lines()
             for line in it:
                 lines.append(line)
-                if '"content":"' in line and len(lines) > 4:
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                     break
             proc.send_signal(signal.SIGTERM)
             lines += list(it)

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loaded", type=int, default=2, help="models kept in memory at once (default 2)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default float32)")
+    p.add_argument("--quant", default=None,
+                   help="in-memory weight format (default: the fast packed format for the file; 'none' keeps "
+                        "dense weights, whose batched results match single-request results exactly)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -54,6 +57,9 @@ def main(argv: list[str]) -> int:
     if not 0 < args.port < 65536:
         print("llamaforge serve: --port must be between 1 and 65535", file=sys.stderr)
         return 2
+    if args.quant is not None:
+        from ..model.quant import resolve_quant
+        resolve_quant(args.quant, args.dtype)  # InvalidRequestError -> "Error: unknown quant ..."
     models = args.models or ["smollm2"]
     # Fail fast on a name that does not exist; the weights themselves load in the background.
     from ..store import resolve
@@ -66,7 +72,8 @@ def main(argv: list[str]) -> int:
     config = ServerConfig(models=models, host=args.host, port=args.port, api_key=api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, max_body=args.max_body,
                           allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
-                          load_on_demand=not args.no_load_on_demand, max_loaded=args.max_loaded, dtype=args.dtype)
+                          load_on_demand=not args.no_load_on_demand, max_loaded=args.max_loaded, dtype=args.dtype,
+                          quant=args.quant)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llamaforge.server")
     if not is_loopback_host(args.host):

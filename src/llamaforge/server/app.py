@@ -53,6 +53,7 @@ class ServerConfig:
     keep_alive: float = DEFAULT_KEEP_ALIVE_S
     max_loaded: int = 2
     dtype: str | None = None
+    quant: str | None = None               # in-memory weight format (llamaforge.load's `quant`); None = default
 
 
 @dataclass(eq=False)
@@ -103,7 +104,8 @@ class ModelManager:
         if self._loader is not None:
             return self._loader(name)
         from ..api import load
-        return load(name, dtype=self.config.dtype) if self.config.dtype else load(name)
+        kw = {k: v for k, v in (("dtype", self.config.dtype), ("quant", self.config.quant)) if v is not None}
+        return load(name, **kw)
 
     def _add(self, name: str, lm, seconds: float, pinned: bool) -> ModelEntry:
         sched = Scheduler(lm, max_batch=self.config.max_batch, max_queue=self.config.max_queue,

@@ -111,7 +111,9 @@ class Scheduler:
         """Queue one request; raises InvalidRequestError / ContextLengthError / QueueFullError / ShuttingDownError."""
         if self._stopping:
             raise ShuttingDownError("the server is shutting down")
-        if self.engine.queued >= self.max_queue:
+        # A newcomer waits in the engine's queue until the next step even when a row is free, so free rows
+        # count as extra room: max_queue bounds the requests that must wait for someone else to finish.
+        if self.engine.queued >= self.max_queue + max(0, self.max_batch - self.engine.active):
             if self.metrics:
                 self.metrics.rejected.inc(model=self.name)
             raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
