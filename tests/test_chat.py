@@ -166,6 +166,27 @@ def test_llama2_meta_layout(spm):
         fmt.encode([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
+LLAMA2_TEMPLATE = (  # the template of Hugging Face's Llama 2 chat tokenizer_config.json
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_llama2_hf_template_via_jinja_equals_meta_layout(spm):
+    jinja = JinjaChatFormat(spm, LLAMA2_TEMPLATE)
+    for msgs in CONVERSATIONS:
+        assert jinja.encode(msgs) == _meta_llama2(spm, msgs)
+    ids, mask = jinja.encode_with_mask(CONVERSATIONS[3][:3])
+    assert spm.decode([i for i, m in zip(ids, mask) if m], skip_special=False) == "ok\n\nsure</s>"
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        jinja.encode([{"role": "assistant", "content": "x"}])
+
+
 # ------------------------------------------------------------------------------------------ selection, errors
 def test_format_selection(smol, llama3, spm):
     assert isinstance(chat_format_for(smol, template="llama2"), Llama2Format)
