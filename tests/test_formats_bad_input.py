@@ -49,10 +49,10 @@ def hf_dir(tmp_path, tiny_config_json, content: bytes) -> Path:
 
 def expect(tmp_path, tiny_config_json, content: bytes, match: str):
     d = hf_dir(tmp_path, tiny_config_json, content)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: a busy shared machine must not make this flaky
     with pytest.raises(ModelFormatError, match=match) as ei:
         load_model(d)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.process_time() - t0 < 2.0
     assert "model.safetensors" in str(ei.value) and "\n" not in str(ei.value)
 
 

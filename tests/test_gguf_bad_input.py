@@ -61,14 +61,14 @@ def expect_error(tmp_path, content: bytes, match: str, name="bad.gguf"):
     p = tmp_path / name
     p.write_bytes(content)
     tracemalloc.start()
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: a busy shared machine must not make this flaky
     try:
         with pytest.raises(ModelFormatError, match=match) as ei:
             read_gguf(p)
     finally:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    assert time.perf_counter() - t0 < 2.0
+    assert time.process_time() - t0 < 2.0
     assert peak < 16 * 2**20, f"allocated {peak} bytes while rejecting the file"
     assert ei.value.path == str(p) and "\n" not in str(ei.value)
     return ei.value

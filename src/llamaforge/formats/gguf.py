@@ -179,7 +179,7 @@ class _Cursor:
         n = self.u64(f"length of {what}")
         if n > self.size - self.pos:
             raise self.fail(f"{what}: string length {n} exceeds the {self.size - self.pos} bytes left in the file")
-        b = bytes(self.buf[self.pos:self.pos + n])
+        b = self.buf[self.pos:self.pos + n]  # slicing the mmap copies out a bytes object
         self.pos += n
         # Lossless for the rare token that is not valid UTF-8; such a str can be turned back into its bytes.
         return b.decode("utf-8", errors="surrogateescape")
