@@ -163,6 +163,9 @@ def test_tiny_vocabs_work():
     assert bpe.encode("<|end|>", allow_special=True) == [257] and bpe.stop_ids == {257}
     spm = tokenizer_from_gguf_metadata(_spm_meta())
     assert spm.encode("a a", add_special=True) == [1, 261, 261]
+    meta = _spm_meta()
+    del meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]
+    assert (tokenizer_from_gguf_metadata(meta).bos_id, tokenizer_from_gguf_metadata(meta).eos_id) == (1, 2)
     assert spm.decode(spm.encode("a\u00e9")) == "a\u00e9"  # é by byte fallback
 
 

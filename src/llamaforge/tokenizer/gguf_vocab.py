@@ -139,6 +139,11 @@ def _spm(meta, tokens, types, common, eot):
                 break
             seen.add(t)
         raise TokenizerError(f"token {dup!r} appears twice in the vocabulary")
+    # llama.cpp's defaults for SentencePiece vocabularies without the keys: <s> = 1, </s> = 2.
+    if meta.get(P + "bos_token_id") is None and n > 2:
+        common = dict(common, bos_id=1)
+    if meta.get(P + "eos_token_id") is None and n > 2:
+        common = dict(common, eos_id=2)
     proto = model_proto(tokens, scores, types, byte_fallback=BYTE in types,
                         add_dummy_prefix=_flag(meta, "add_space_prefix", True),
                         remove_extra_whitespaces=_flag(meta, "remove_extra_whitespaces", False),
