@@ -117,9 +117,9 @@ class Scheduler:
             if self.metrics:
                 self.metrics.rejected.inc(model=self.name)
             raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
-        req = self.engine.add(prompt_ids, params, logits_processors, user_data=stream)
-        stream.request = req
-        with self._lock:
+        with self._lock:  # the worker cannot finish `req` and drop it from _live before it is in there
+            req = self.engine.add(prompt_ids, params, logits_processors, user_data=stream)
+            stream.request = req
             self._live.add(req)
         self.last_used = time.monotonic()
         if self.metrics:
@@ -166,22 +166,29 @@ class Scheduler:
             if self._stopping:
                 self._end_all(SHUTDOWN, "")
                 return
-            job = None
-            with self._lock:
-                if self._jobs:
-                    job = self._jobs.pop(0)
-            if job is not None:
-                fn, fut = job
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as e:  # handed to the awaiting handler
-                        fut.set_exception(e)
-            if self.engine.has_work():
-                self._step()
-            elif job is None:
-                self._wake.wait(0.5)
-                self._wake.clear()
+            try:
+                self._iteration()
+            except Exception:  # keep the model thread alive whatever happens; requests see an error event
+                log.exception("scheduler iteration failed")
+                self._end_all(ERROR, "internal scheduler error")
+
+    def _iteration(self) -> None:
+        job = None
+        with self._lock:
+            if self._jobs:
+                job = self._jobs.pop(0)
+        if job is not None:
+            fn, fut = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # handed to the awaiting handler
+                    fut.set_exception(e)
+        if self.engine.has_work():
+            self._step()
+        elif job is None:
+            self._wake.wait(0.5)
+            self._wake.clear()
 
     def _step(self) -> None:
         try:
