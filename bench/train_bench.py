@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("mode", choices=["accuracy", "speed"])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "train_bench")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--epochs", type=float, default=8)
+    p.add_argument("--epochs", type=float, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=6, help="timed steps for `speed`")

@@ -19,7 +19,7 @@ def test_lora_sft_teaches_smollm2_heldout_facts(tmp_path, smollm2_gguf):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     import argparse
-    args = argparse.Namespace(out=tmp_path, threads=2, epochs=8, lr=1e-3, batch_size=8)
+    args = argparse.Namespace(out=tmp_path, threads=2, epochs=5, lr=1e-3, batch_size=8)
     result = bench.run_accuracy(args)
     assert result["exact_match_before"] <= 0.1
     assert result["exact_match_after"] >= 0.8, result["predictions_after"]
