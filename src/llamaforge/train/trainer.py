@@ -156,6 +156,8 @@ class Trainer:
         if cfg.packing and self.strategy.kind == "sft":
             self.train_set = pack_examples(self.train_set, cfg.max_seq_len)
         self.strategy.prepare(self.model)
+        if self.dist.rank:  # LoRA init was identical everywhere; dropout masks should differ between ranks
+            torch.manual_seed(cfg.seed + self.dist.rank)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if not self.params:
