@@ -276,6 +276,16 @@ def test_wrong_shape_names_tensor_and_shapes(tmp_path):
     assert "model.layers.1.mlp.up_proj.weight" in msg and "[150, 64]" in msg and "[160, 64]" in msg
 
 
+@pytest.mark.parametrize("quant", ["q4", "int8"])
+def test_wrong_shape_in_packed_load_names_the_file(tmp_path, quant):
+    def mutate(sd):
+        sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(150, 64)
+    path = _tiny_gguf(tmp_path, mutate)
+    with pytest.raises(ModelFormatError, match=r"up_proj.weight' has shape \[150, 64\], expected \[160, 64\]") as ei:
+        _load_model(path, quant=quant)
+    assert ei.value.path == str(path)
+
+
 def test_missing_tensor(tmp_path):
     path = _tiny_gguf(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ModelFormatError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'.*\[160, 64\]"):

@@ -129,13 +129,18 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
     metadata.setdefault("chat_template", None)
     if tokenizer is not None and metadata.get("chat_template") is None:
         metadata["chat_template"] = getattr(tokenizer, "chat_template", None)
-    if fmt == "gguf" and quant in ("q4", "int8"):
-        from ..model.quant import load_gguf_quantized
-        model = load_gguf_quantized(gguf_file, config, quant, device)
-    else:
-        model = build_model(config, sd, path, device=device)
-        if quant is not None:
-            model = _quantize(model, quant, gguf_file)
+    try:
+        if fmt == "gguf" and quant in ("q4", "int8"):
+            from ..model.quant import load_gguf_quantized
+            model = load_gguf_quantized(gguf_file, config, quant, device)
+        else:
+            model = build_model(config, sd, path, device=device)
+            if quant is not None:
+                model = _quantize(model, quant, gguf_file)
+    except ModelFormatError as e:
+        if e.path is None:  # raised below the file level: say which file it was
+            raise ModelFormatError(path, e.reason) from None
+        raise
     del sd
     if quant is not None:
         metadata["quant"] = getattr(model, "_quant", None) or ("none" if quant in ("auto", "none") else quant)
