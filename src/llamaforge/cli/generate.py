@@ -23,7 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT", help="the text to continue ('-' reads it from stdin)")
     add_sampling_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_load_flags(p)
     return p
+
+
+def add_load_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype / --quant: how the weights are held in memory (default: the fast packed format for the file)."""
+    p.add_argument("--dtype", metavar="DTYPE", help="float32, bfloat16 or float16 dense weights "
+                                                   "(float32 gives reference-exact results)")
+    p.add_argument("--quant", metavar="Q", help="in-memory weight format: auto (default), none, q4, int8, bf16")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -76,7 +84,7 @@ def main(argv: list[str]) -> int:
         return 1
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     from .run import load_model
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype, quant=args.quant)
     from ..generate.api import generate, stream
     if args.json:
         c = generate(lm, prompt, **sampling)

@@ -34,7 +34,7 @@ Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import add_sampling_flags
+    from .generate import add_load_flags, add_sampling_flags
     p = argparse.ArgumentParser(prog="llamaforge run", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help=f"store name or path (default: {DEFAULT_MODEL})")
@@ -42,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show token counts and speed after each answer")
     p.add_argument("--system", metavar="TEXT", help="system message (overrides the model's)")
     add_sampling_flags(p)
+    add_load_flags(p)
     return p
 
 
-def load_model(name: str):
+def load_model(name: str, *, dtype: str | None = None, quant: str | None = None):
     """Load by store name or path, with a status line on stderr only when stderr is a terminal."""
     import llamaforge
     tty = sys.stderr.isatty()
@@ -53,7 +54,7 @@ def load_model(name: str):
         sys.stderr.write(f"loading {name} ...")
         sys.stderr.flush()
     try:
-        return llamaforge.load(name)
+        return llamaforge.load(name, dtype=dtype, quant=quant)
     finally:
         if tty:
             sys.stderr.write("\r\033[K")
@@ -307,9 +308,14 @@ def main(argv: list[str]) -> int:
         return 1
     interactive = args.prompt is None and sys.stdin.isatty()
     text = args.prompt
+    demo = False
     if not interactive and text is None:
-        text = sys.stdin.read().strip() or DEMO_PROMPT
-    lm = load_model(args.model)
+        text = sys.stdin.read().strip()
+        demo = not text
+        text = text or DEMO_PROMPT
+    lm = load_model(args.model, dtype=args.dtype, quant=args.quant)
+    if demo and "temperature" not in sampling and "temperature" not in ((lm.defaults or {}).get("options") or {}):
+        sampling["temperature"] = 0.0  # the demo answer is reproducible
     system = args.system if args.system is not None else (lm.defaults or {}).get("system")
     session = ChatSession(lm, system=system, options=sampling, verbose=args.verbose)
     if interactive:

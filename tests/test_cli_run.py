@@ -1,0 +1,94 @@
+"""`llamaforge run`: one-shot answers and the interactive REPL through a pseudo-terminal (pexpect)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pexpect
+
+from llamaforge.cli.run import read_message
+
+
+def run_cli(*args, stdin: str | None = None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "llamaforge", "run", *args], capture_output=True, text=True,
+                          input=stdin if stdin is not None else "", timeout=timeout, env=os.environ.copy())
+
+
+def test_empty_stdin_answers_the_demo_prompt_and_exits_0():
+    r = run_cli(stdin="")
+    assert r.returncode == 0, r.stderr
+    answer = r.stdout.strip().lower()
+    assert len(answer.split()) >= 8 and "sky" in answer and ("light" in answer or "scatter" in answer), answer
+    assert r.stderr == ""  # no loading messages without a terminal
+
+
+def test_prompt_from_stdin_and_from_argument():
+    r = run_cli("smollm2", "--temperature", "0", "--max-tokens", "12", "--dtype", "float32",
+                stdin="What is the capital of France?\n")
+    assert r.returncode == 0 and "Paris" in r.stdout, (r.stdout, r.stderr)
+    r = run_cli("smollm2", "Bad", "--top-p", "7")
+    assert r.returncode == 1 and "--top-p" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_read_message_multiline(monkeypatch):
+    lines = iter(['"""', "first line", 'second line"""'])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert read_message() == "first line\nsecond line"
+    lines2 = iter(['"""one line"""'])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines2))
+    assert read_message() == "one line"
+
+
+def _stats(child) -> tuple[int, int]:
+    child.expect(r"prompt eval count:\s+(\d+)")
+    n_prompt = int(child.match.group(1))
+    child.expect(r"\neval count:\s+(\d+)")
+    return n_prompt, int(child.match.group(1))
+
+
+def test_repl_two_turns_clear_and_ctrl_c(tmp_path):
+    env = {**os.environ, "TERM": "dumb"}
+    child = pexpect.spawn(sys.executable, ["-m", "llamaforge", "run", "smollm2", "--temperature", "0",
+                                           "--max-tokens", "30"], env=env, encoding="utf-8", timeout=240,
+                          dimensions=(40, 200))
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("/set verbose")
+        child.expect_exact("Set 'verbose' mode.")
+        child.expect_exact(">>> ")
+        child.sendline("My name is Ada. Please remember it.")
+        n1, e1 = _stats(child)
+        child.expect_exact(">>> ")
+        # Second turn: the prompt sent to the model holds the first turn and its answer.
+        child.sendline('"""')
+        child.sendline("What is")
+        child.sendline('my name?"""')
+        n2, e2 = _stats(child)
+        assert n2 >= n1 + e1, (n1, e1, n2)
+        child.expect_exact(">>> ")
+        child.sendline("/clear")
+        child.expect_exact("Cleared session context")
+        child.expect_exact(">>> ")
+        child.sendline("What is my name?")
+        n3, _ = _stats(child)
+        assert n3 < n1 + 5 and n3 < n2 - e1, (n1, n2, n3)
+        child.expect_exact(">>> ")
+        # Ctrl-C in the middle of a long answer stops it and returns to the prompt (no stats printed).
+        child.sendline("/set parameter num_predict 2000")
+        child.expect_exact("Set parameter 'num_predict' to '2000'")
+        child.expect_exact(">>> ")
+        child.sendline("Write a very long story about a dragon and a knight.")
+        child.expect_exact("knight.")                       # the echo of our line
+        child.expect(re.compile(r"\w+\W+\w+\W+\w+\W+\w+"))  # some of the answer has streamed
+        child.sendintr()
+        child.expect_exact(">>> ", timeout=120)
+        assert "eval count" not in child.before
+        child.sendline("/bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0, (child.exitstatus, child.signalstatus)
+    assert (tmp_path.parent / "history").exists() or os.path.exists(os.path.join(os.environ["LLAMAFORGE_HOME"],
+                                                                                   "history"))
