@@ -296,3 +296,32 @@ def test_meta_model_parallel_shards_are_merged(tmp_path, embed_split):
         torch.save(s, d / f"consolidated.{i:02d}.pth")
     back = load_model(d)
     assert (logits(back.model) - logits(ref)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("extra", [
+    dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    dict(attention_bias=True, mlp_bias=True),
+    dict(head_dim=32),                      # head_dim * heads != hidden size
+], ids=["linear-rope", "biases", "wide-heads"])
+def test_less_common_llama_configs_round_trip(tmp_path, extra):
+    """Linear RoPE scaling, q/k/v/o and MLP biases (q/k biases are permuted too), head_dim != hidden / heads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(11)
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                       **extra)).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.1)   # HF initialises biases to zero, which would hide a layout error
+    ref.save_pretrained(tmp_path / "hf")
+    lm = load_model(tmp_path / "hf")
+    want = logits(ref)
+    assert (logits(lm.model) - want).abs().max().item() <= 1e-4
+    back = load_model(write_gguf(tmp_path / "m.gguf", lm.config, lm.model.state_dict(), file_type="f32"))
+    assert back.config.attention_bias == lm.config.attention_bias
+    assert (logits(back.model) - want).abs().max().item() <= 1e-4
+    if "attention_bias" in extra:  # Meta params.json can express neither linear scaling nor a wider head_dim
+        meta = load_model(save_meta(tmp_path / "meta", lm.config, lm.model.state_dict()))
+        assert meta.config.attention_bias and meta.config.mlp_bias
+        assert (logits(meta.model) - want).abs().max().item() <= 1e-4

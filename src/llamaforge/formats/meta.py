@@ -110,8 +110,10 @@ def load_meta(dirpath, dtype: torch.dtype = torch.float32):
     if emb is None or emb.dim() != 2:
         raise ModelFormatError(files[0], "missing or malformed tensor 'tok_embeddings.weight'")
     config = ModelConfig.from_meta_params(params, vocab_size=emb.shape[0], path=ppath)
-    if "output.weight" not in raw:
-        config = config.replace(tie_word_embeddings=True)
+    # params.json has no words for these; the tensors present say it (as for GGUF).
+    config = config.replace(tie_word_embeddings="output.weight" not in raw,
+                            attention_bias="layers.0.attention.wq.bias" in raw,
+                            mlp_bias="layers.0.feed_forward.w1.bias" in raw)
     sd = {}
     for name, t in raw.items():
         if name in _IGNORED:
