@@ -196,7 +196,7 @@ class ChatSession:
     def _show(self, what: str) -> None:
         lm, md = self.lm, self.lm.metadata or {}
         if what == "info":
-            n_params = sum(p.numel() for p in lm.model.parameters())
+            n_params = parameter_count(lm.config)
             print(f"  model         {lm.name or lm.path}\n  architecture  {md.get('architecture', 'llama')}\n"
                   f"  parameters    {n_params / 1e6:.1f}M\n  quantization  {md.get('file_type', '?')}\n"
                   f"  context       {self.context}\n  path          {lm.path}")
@@ -211,6 +211,15 @@ class ChatSession:
             print(md.get("license") or "No license was specified for this model.")
         else:
             print("Usage: /show info|system|parameters|template|license")
+
+
+def parameter_count(cfg) -> int:
+    """Parameters of the architecture (the in-memory format may pack them, so count from the config)."""
+    C, D, L = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers
+    attn = C * cfg.num_attention_heads * D * 2 + C * cfg.num_key_value_heads * D * 2
+    mlp = 3 * C * cfg.intermediate_size
+    emb = cfg.vocab_size * C * (1 if cfg.tie_word_embeddings else 2)
+    return emb + L * (attn + mlp + 2 * C) + C
 
 
 def read_message(prompt: str = ">>> ") -> str:
@@ -289,6 +298,9 @@ def repl(session: ChatSession) -> int:
                 continue
             try:
                 session.answer(text, interruptible=True)
+            except KeyboardInterrupt:
+                # Ctrl-C before the answer started streaming (while preparing the prompt): back to the prompt.
+                print("\n")
             except Exception as e:
                 from ..errors import LlamaforgeError
                 if not isinstance(e, LlamaforgeError):
