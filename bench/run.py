@@ -174,6 +174,88 @@ def worker_ppl(config: str, path: Path, ids: list[int], threads: int) -> dict:
     return {"config": config, "ppl": math.exp(nll / n), "ppl_tokens": n}
 
 
+# --------------------------------------------------------------------------------------------- GPU
+LLAMA3_8B_SHAPE = {  # Meta-Llama-3-8B's config.json shape fields; weights are random (only speed is measured)
+    "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "max_position_embeddings": 8192, "tie_word_embeddings": False,
+}
+
+
+def _gpu_bandwidth_gbs(torch) -> float:
+    """Device memory bandwidth from a large device-to-device copy (reads + writes)."""
+    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 20 / (time.perf_counter() - t0) / 1e9
+
+
+def _gpu_decode(torch, model, bw_gbs: float, compile_mode: str | None) -> dict:
+    """Greedy decode tok/s with a static cache (fixed shapes), optionally under torch.compile / CUDA graphs."""
+    cfg = model.config
+    cache = model.new_cache(1, 1024, static=True)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 128), device="cuda")
+
+    def step(tok, pos):
+        return model(tok, cache=cache, input_pos=pos, last_only=True)[:, -1].argmax(-1, keepdim=True)
+
+    fn = torch.compile(step, mode=compile_mode) if compile_mode else step
+    with torch.inference_mode():
+        tok = model(prompt, cache=cache, input_pos=0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        t_compile = time.perf_counter()
+        for i in range(3):  # warm-up (and compilation / graph capture)
+            tok = fn(tok, torch.tensor([128 + i], device="cuda"))
+        torch.cuda.synchronize()
+        t_compile = time.perf_counter() - t_compile
+        positions = [torch.tensor([131 + i], device="cuda") for i in range(NEW_TOKENS)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for p in positions:
+            tok = fn(tok, p)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    seen, nbytes = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            nbytes += t.numel() * t.element_size()
+    return {"decode_tok_s": NEW_TOKENS / dt, "weight_gb": nbytes / 1e9, "bandwidth_gbs": bw_gbs,
+            "bandwidth_limit_tok_s": bw_gbs * 1e9 / nbytes, "warmup_s": t_compile, "compile": compile_mode}
+
+
+def gpu_main(path: Path, out: Path) -> int:
+    """Issue item 4: bf16 decode on CUDA for SmolLM2 and a random Llama-3-8B-shaped model vs the bandwidth limit."""
+    import torch
+    if not torch.cuda.is_available():
+        print("no CUDA device: GPU benchmark skipped")
+        return 0
+    import llamaforge
+    from llamaforge.config import ModelConfig
+    from llamaforge.model import Llama
+    bw = _gpu_bandwidth_gbs(torch)
+    res = {"device": torch.cuda.get_device_name(), "bandwidth_gbs": bw, "models": {}}
+    lm = llamaforge.load(str(path), quant="bf16", device="cuda")
+    big_cfg = ModelConfig.from_hf_config(LLAMA3_8B_SHAPE)
+    with torch.device("meta"):
+        big = Llama(big_cfg)
+    big = big.to_empty(device="cuda").to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for n, p in big.named_parameters():
+            p.fill_(1.0) if "norm" in n else p.normal_(0, 0.02)
+    for name, model in (("smollm2-135m", lm.model), ("llama3-8b-shape-random", big)):
+        res["models"][name] = {mode or "eager": _gpu_decode(torch, model, bw, mode)
+                               for mode in (None, "reduce-overhead")}
+        print(name, json.dumps(res["models"][name], indent=1), flush=True)
+    write_json_atomic(out / "gpu.json", res)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------- driver
 def text_ids(path: Path) -> list[int]:
     """Token ids of the perplexity text (also the prompts), with the GGUF's own vocabulary."""
@@ -303,6 +385,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity column")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
+    ap.add_argument("--gpu", action="store_true", help="CUDA decode benchmark (bf16, static cache, CUDA graphs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
     ap.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
@@ -313,6 +396,8 @@ def main(argv=None) -> int:
     if not path.is_file():
         ap.error(f"no such model file: {path}")
 
+    if a.gpu:
+        return gpu_main(path, a.out)
     if a.worker:
         ids = json.loads(a.ids_file.read_text())
         res = (worker_speed if a.task == "speed" else worker_ppl)(a.worker, path, ids, a.threads)

@@ -79,3 +79,23 @@ def test_explicit_choices_are_honoured(smollm2_gguf):
     assert isinstance(lm.model.model.layers[0].mlp.gate_up_proj, Q.Int8Linear)
     with pytest.raises(llamaforge.errors.InvalidRequestError):
         llamaforge.load(str(smollm2_gguf), quant="q2")
+
+
+def test_static_cache_decode_equals_dynamic_cache():
+    """The fixed-shape cache used for CUDA graphs / torch.compile gives the same logits as the default one."""
+    from conftest import make_tiny_hf
+    from llamaforge.config import ModelConfig
+    from llamaforge.model import Llama
+    hf = make_tiny_hf("llama31")
+    model = Llama(ModelConfig.from_hf_config(hf.config.to_dict())).eval()
+    model.load_state_dict(hf.state_dict(), strict=False)
+    model.tie_weights()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    outs = []
+    with torch.no_grad():
+        for static in (False, True):
+            cache = model.new_cache(1, 16, static=static)
+            model(ids[:, :6], cache=cache, input_pos=0)
+            steps = [model(ids[:, i:i + 1], cache=cache, input_pos=torch.tensor([i])) for i in range(6, 9)]
+            outs.append(torch.cat(steps, 1))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 from llamaforge.errors import InvalidRequestError, ModelFormatError
 from llamaforge.formats.gguf import read_gguf
 from llamaforge.model import quant as Q
-from tests.conftest import make_tiny_hf
+from conftest import make_tiny_hf
 
 
 def _ref_int4(q, scale, zero):

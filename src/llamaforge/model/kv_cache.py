@@ -13,9 +13,13 @@ from ..config import ModelConfig
 
 class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", static: bool = False):
+        """static=True: attention always spans the whole cache and writes never read positions back to Python,
+        so shapes are fixed and nothing syncs (what CUDA graphs / torch.compile need); the caller keeps
+        positions below max_seq_len. The default attends only up to the furthest position, faster in eager."""
         if batch_size < 1 or max_seq_len < 1:
             raise ValueError("KVCache needs batch_size >= 1 and max_seq_len >= 1")
+        self.static = static
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         shape = (batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
@@ -37,7 +41,7 @@ class KVCache:
         kc, vc = self.k[layer], self.v[layer]
         B, _, T, _ = k.shape
         if rows is None:
-            if T == 1 and B == 1:
+            if T == 1 and B == 1 and not self.static:
                 p = int(positions[0, 0])
                 kc[0, :, p] = k[0, :, 0]
                 vc[0, :, p] = v[0, :, 0]

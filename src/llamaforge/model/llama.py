@@ -126,10 +126,11 @@ class Llama(nn.Module):
             self._inv_freq = inv_frequencies(self.config).to(device)
         return self._inv_freq
 
-    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None, dtype=None,
+                  static: bool = False) -> KVCache:
         p = self.model.norm.weight  # a plain parameter in every weight format (quantized embeddings have none)
         return KVCache(self.config, batch_size, max_seq_len or self.config.max_position_embeddings,
-                       dtype=dtype or _activation_dtype(p), device=p.device)
+                       dtype=dtype or _activation_dtype(p), device=p.device, static=static)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       input_pos: int | torch.Tensor | None = None, rows: torch.Tensor | None = None):
@@ -150,9 +151,12 @@ class Llama(nn.Module):
             positions = input_pos.to(dev)[:, None] + ar  # [B, T]
         mask = None
         if cache is not None:
-            span = int(positions.max()) + 1
-            if span > cache.max_seq_len:
-                raise ValueError(f"position {span - 1} is beyond the cache length {cache.max_seq_len}")
+            if getattr(cache, "static", False):
+                span = cache.max_seq_len  # fixed shapes, no sync; the mask hides the unused slots
+            else:
+                span = int(positions.max()) + 1
+                if span > cache.max_seq_len:
+                    raise ValueError(f"position {span - 1} is beyond the cache length {cache.max_seq_len}")
             # A key at position j is visible to a query at position p iff j <= p (stale slots are masked out).
             mask = (torch.arange(span, device=dev)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
