@@ -229,3 +229,45 @@ def test_prompt_logprobs_match_a_full_forward(lm):
     for j in range(1, len(ids)):
         assert abs(got[j][0] - float(lp[j - 1, ids[j]])) < 1e-4
         assert [i for i, _ in got[j][1]] == torch.topk(lp[j - 1], 3).indices.tolist()
+
+
+def _reference_stop(token_texts: list[bytes], stops: list[str]) -> tuple[str, bool]:
+    """Obviously-correct reference: after each token, decode everything so far; stop at the first token whose
+    text contains a stop string, cutting at its earliest occurrence."""
+    data = b""
+    for piece in token_texts:
+        data += piece
+        text = data.decode("utf-8", errors="ignore")  # complete characters only, like the stream decoder
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if hits:
+            return text[:min(hits)], True
+    return data.decode("utf-8", errors="replace"), False
+
+
+def test_stop_strings_property():
+    from hypothesis import given, settings, strategies as st
+    from llamaforge.generate.engine import _TextState
+    from test_generate_support import ByteTokenizer
+
+    alphabet = st.sampled_from(list("abcAB é日🦙\n"))
+    tok = ByteTokenizer()
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet, max_size=30), st.lists(st.text(alphabet, min_size=1, max_size=4), max_size=3))
+    def check(text, stops):
+        ids = list(text.encode())
+        state = _TextState(tok, [BOS], stops)
+        emitted, hit = "", False
+        for i in ids:
+            delta, hit = state.feed(i)
+            emitted += delta
+            assert not any(s in emitted for s in stops)
+            if hit:
+                break
+        if not hit:
+            rest, hit = state.finish()
+            emitted += rest
+        ref, ref_hit = _reference_stop([bytes([i]) for i in ids], stops)
+        assert (emitted, hit) == (ref, ref_hit)
+
+    check()
