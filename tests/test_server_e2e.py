@@ -99,7 +99,8 @@ def test_openai_models_chat_and_stream(srv, lm):
     from openai import OpenAI
     from llamaforge.generate.api import chat, prepare_chat
     client = OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-    assert "smollm2" in [m.id for m in client.models.list().data]
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "smollm2" and ids.count("smollm2") == 1  # loaded first; the store's copy not repeated
 
     msgs = _user("What is the capital of France? Answer in one word.")
     ref = chat(lm, msgs, max_tokens=12, temperature=0)

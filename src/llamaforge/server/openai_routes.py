@@ -15,8 +15,9 @@ from fastapi import APIRouter
 from starlette.requests import Request
 
 from .. import __version__
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, LlamaforgeError
 from ..generate.sampling import SamplingParams, params_from_options
+from .app import normalize_name
 from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, read_json,
                      until_disconnect)
 from .embeddings import check_dimensions, embed_ids, tokenize_inputs
@@ -46,7 +47,23 @@ async def list_models(request: Request):
     st = _state(request)
     data = [{"id": name, "object": "model", "created": int(e.loaded_wall), "owned_by": "llamaforge"}
             for name, e in sorted(st.models.entries.items())]
+    if st.config.load_on_demand:  # store models a request may name (they load on first use)
+        seen = set(st.models.entries)
+        for row in await asyncio.to_thread(_store_rows):
+            short = normalize_name(row.name)
+            if short not in seen:
+                seen.add(short)
+                data.append({"id": short, "object": "model", "created": int(row.modified),
+                             "owned_by": "llamaforge"})
     return json_response({"object": "list", "data": data})
+
+
+def _store_rows():
+    from ..store import Store
+    try:
+        return Store().list()
+    except LlamaforgeError:
+        return []  # an unreadable store must not break the model list
 
 
 @router.get("/v1/models/{model_id:path}")
