@@ -138,36 +138,28 @@ def _batches(lm, fmt, n_steps: int, batch_size: int):
     return [collate_sft([ex[(s * batch_size + i) % len(ex)] for i in range(batch_size)]) for s in range(n_steps)]
 
 
-def _time_steps(step_fn, batches, warmup: int = 2) -> float:
-    for b in batches[:warmup]:
-        step_fn(b)
-    t = time.perf_counter()
-    for b in batches[warmup:]:
-        step_fn(b)
-    dt = time.perf_counter() - t
-    tokens = sum(int((b["input_ids"] != -1).sum()) for b in batches[warmup:])
-    return tokens / dt
-
-
 def run_speed(args) -> dict:
+    """Both trainers on the same batches, steps interleaved so machine load affects them alike."""
     import torch.nn.functional as F
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from llamaforge.train.config import TrainConfig
     from llamaforge.train.lora import apply_lora
+    from llamaforge.train.strategies import LoraStrategy
     torch.set_num_threads(args.threads)
     lm = load_smollm2()
     fmt = chat_format(lm)
-    batches = _batches(lm, fmt, args.steps + 2, args.batch_size)
-    sd = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    warmup = 2
+    batches = _batches(lm, fmt, args.steps + warmup, args.batch_size)
 
     # transformers + peft on the same weights
     hf = LlamaForCausalLM(LlamaConfig(**lm.config.to_hf_config()))
-    hf.load_state_dict(sd, strict=False)
+    hf.load_state_dict({k: v.clone() for k, v in lm.model.state_dict().items()}, strict=False)
     hf.tie_weights()
     torch.manual_seed(0)
     pm = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0,
-                                       task_type="CAUSAL_LM"))
+                                       task_type="CAUSAL_LM")).train()
     opt_hf = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
 
     def hf_step(b):
@@ -177,16 +169,11 @@ def run_speed(args) -> dict:
         opt_hf.step()
         opt_hf.zero_grad()
 
-    pm.train()
-    hf_tps = _time_steps(hf_step, batches)
-    del pm, hf, opt_hf
-
-    # llamaforge: the trainer's loss function on the same batches
-    from llamaforge.train.config import TrainConfig
-    from llamaforge.train.strategies import LoraStrategy
+    # llamaforge: the trainer's own loss function
     model = lm.model.float()
     torch.manual_seed(0)
     apply_lora(model, 16, 32, 0.0, TARGETS)
+    model.train()
     strat = LoraStrategy(TrainConfig(method="lora"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -196,12 +183,22 @@ def run_speed(args) -> dict:
         opt.step()
         opt.zero_grad()
 
-    model.train()
-    lf_tps = _time_steps(lf_step, batches)
-    out = {"model": "SmolLM2-135M fp32", "lora": "r16 a32 all linear", "batch_size": args.batch_size,
-           "steps_timed": args.steps, "threads": args.threads, "tokens_per_s": {"llamaforge": round(lf_tps, 1),
-                                                                                 "transformers+peft": round(hf_tps, 1)}}
-    print(f"{'':20} {'train tokens/s':>15}\n{'llamaforge':20} {lf_tps:15.1f}\n{'transformers+peft':20} {hf_tps:15.1f}")
+    secs = {"llamaforge": 0.0, "transformers+peft": 0.0}
+    for i, b in enumerate(batches):
+        order = [("llamaforge", lf_step), ("transformers+peft", hf_step)]
+        for name, fn in order if i % 2 else order[::-1]:
+            t = time.perf_counter()
+            fn(b)
+            if i >= warmup:
+                secs[name] += time.perf_counter() - t
+    tokens = sum(b["input_ids"].numel() for b in batches[warmup:])  # padded positions processed
+    tps = {k: round(tokens / v, 1) for k, v in secs.items()}
+    out = {"model": "SmolLM2-135M fp32", "lora": "r16 a32 all linear, AdamW", "batch_size": args.batch_size,
+           "steps_timed": args.steps, "threads": args.threads, "tokens_per_s": tps,
+           "speedup": round(tps["llamaforge"] / tps["transformers+peft"], 2)}
+    print(f"{'':20} {'train tokens/s':>15}")
+    for k, v in tps.items():
+        print(f"{k:20} {v:15.1f}")
     return out
 
 
