@@ -85,6 +85,11 @@ def test_repl_two_turns_clear_and_ctrl_c():
         child.sendintr()
         child.expect_exact(">>> ", timeout=120)
         assert "eval count" not in child.before
+        # Ctrl-C over half-typed text discards it and gives a fresh prompt.
+        child.send("half typed")
+        child.expect_exact("typed")
+        child.sendintr()
+        child.expect_exact(">>> ")
         child.sendline("/bye")
         child.expect(pexpect.EOF)
     finally:

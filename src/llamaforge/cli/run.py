@@ -115,11 +115,11 @@ class ChatSession:
             old = signal.signal(signal.SIGINT, on_sigint)
         try:
             for ev in s:
+                if interrupted["flag"]:
+                    break
                 if ev.text:
                     self.out.write(ev.text)
                     self.out.flush()
-                if interrupted["flag"]:
-                    break
         finally:
             s.close()
             if old is not None:
@@ -141,9 +141,9 @@ class ChatSession:
         ps, ds = c.timings.get("prompt_seconds", 0.0), c.timings.get("decode_seconds", 0.0)
         rate = (lambda n, s: f"{n / s:.2f} tokens/s" if s > 0 else "n/a")
         print(f"total duration:       {total:.3f}s\n"
-              f"prompt eval count:    {pt} token(s)\n"
+              f"prompt eval count:    {pt} token(s), {c.cached_tokens} reused from the cache\n"
               f"prompt eval duration: {ps:.3f}s\n"
-              f"prompt eval rate:     {rate(pt, ps)}\n"
+              f"prompt eval rate:     {rate(pt - c.cached_tokens, ps)}\n"
               f"eval count:           {ct} token(s)\n"
               f"eval duration:        {ds:.3f}s\n"
               f"eval rate:            {rate(max(ct - 1, 0), ds)}\n", file=sys.stderr, flush=True)
@@ -287,8 +287,13 @@ def repl(session: ChatSession) -> int:
         while True:
             try:
                 text = read_message()
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 print()
+                return 0
+            except KeyboardInterrupt:
+                print()
+                if readline is not None and readline.get_line_buffer():
+                    continue  # Ctrl-C over half-typed text discards it, like a shell; on an empty line it exits
                 return 0
             if not text.strip():
                 continue

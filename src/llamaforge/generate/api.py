@@ -49,6 +49,7 @@ class Completion:
     usage: dict[str, int]
     logprobs: list[tuple[int, float, list[tuple[int, float]] | None]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0   # prompt tokens reused from the previous request's cache (not recomputed)
 
 
 class TokenStream:
@@ -194,7 +195,7 @@ def _check_context(lm, ids: list[int]) -> None:
 
 def _completion(req: Request, logprobs) -> Completion:
     return Completion(text=req.text, token_ids=list(req.output_ids), finish_reason=req.finish_reason,
-                      usage=req.usage, logprobs=logprobs,
+                      usage=req.usage, logprobs=logprobs, cached_tokens=req.cached_tokens,
                       timings={"prompt_seconds": req.prompt_seconds, "decode_seconds": req.decode_seconds})
 
 
@@ -202,13 +203,17 @@ def _checkout_engine(lm, needed: int) -> BatchEngine:
     """A one-row engine whose context covers `needed` tokens (capped at the model's context).
 
     One idle engine is kept on the model object and handed to one caller at a time; concurrent callers get
-    their own, so single requests never share a step loop.
+    their own, so single requests never share a step loop. Reusing it also reuses its cached prompt prefix
+    (a chat's earlier turns are not recomputed).
     """
-    size = min(context_length(lm), -(-max(needed, 2) // _CACHE_ROUND) * _CACHE_ROUND)
+    ctx = context_length(lm)
+    size = min(ctx, -(-max(needed, 2) // _CACHE_ROUND) * _CACHE_ROUND)
     with _engine_lock:
         eng = lm.__dict__.pop("_single_engine", None)
     if eng is not None and eng.model is lm.model and eng.max_seq_len >= size:
         return eng
+    if eng is not None:
+        size = min(ctx, max(size, 2 * eng.max_seq_len))  # grow geometrically: a chat grows turn by turn
     del eng  # free the old cache before allocating a bigger one
     return BatchEngine(lm, max_batch=1, max_seq_len=size)
 

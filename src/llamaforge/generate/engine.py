@@ -74,6 +74,7 @@ class Request:
     pos: int = 0                     # tokens already written to the cache
     output_ids: list[int] = field(default_factory=list)
     completion_tokens: int = 0
+    cached_tokens: int = 0           # prompt tokens whose keys/values were reused from a previous request
     text: str = ""
     finish_reason: str | None = None
     cancelled: bool = False
@@ -201,6 +202,7 @@ class BatchEngine:
         self.device = next(self.model.parameters()).device
         self.cache = self.model.new_cache(max_batch, max_seq_len)
         self._rows: list[Request | None] = [None] * max_batch
+        self._row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each free row's cache holds
         self._queue: list[Request] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -264,6 +266,8 @@ class BatchEngine:
     def _release_row(self, req: Request) -> None:
         if req.row is not None and self._rows[req.row] is req:
             self._rows[req.row] = None
+            # Remember what the row's cache holds, so a later prompt with the same prefix skips recomputing it.
+            self._row_tokens[req.row] = req._all_ids[:req.pos]
             self.cache.reset(req.row)
         req.row = None
 
@@ -275,14 +279,20 @@ class BatchEngine:
 
     def _admit(self) -> None:
         with self._lock:
-            for row in range(self.max_batch):
-                if not self._queue:
+            while self._queue:
+                free = [r for r in range(self.max_batch) if self._rows[r] is None]
+                if not free:
                     break
-                if self._rows[row] is None:
-                    req = self._queue.pop(0)
-                    req.row, req.state, req.pos = row, "prefill", 0
-                    self.cache.lengths[row] = 0
-                    self._rows[row] = req
+                req = self._queue.pop(0)
+                # The free row whose cached tokens share the longest prefix with this prompt (prefix reuse).
+                shared = {r: _common_prefix(self._row_tokens[r], req.prompt_ids) for r in free}
+                row = max(free, key=lambda r: (shared[r], -r))
+                # At least the last prompt token is recomputed: its logits give the first new token.
+                reuse = min(shared[row], len(req.prompt_ids) - 1)
+                req.row, req.state, req.pos, req.cached_tokens = row, "prefill", reuse, reuse
+                self._row_tokens[row] = []
+                self.cache.lengths[row] = reuse
+                self._rows[row] = req
 
     def _reap_cancelled(self) -> None:
         with self._lock:
@@ -378,6 +388,14 @@ class BatchEngine:
         with self._lock:
             self._finish(req, reason)
         events.append((req, TokenEvent(tok, text, s.logprob, s.top_logprobs, reason)))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _raise_type():
