@@ -242,7 +242,6 @@ def test_ollama_create_show_delete(srv):
     st = client.create(model="pirate", from_="smollm2", system="You are a pirate.", parameters={"temperature": 0})
     assert st.status == "success"
     assert "pirate:latest" in [m.model for m in client.list().models]
-    assert client.show("pirate").system == "You are a pirate." if hasattr(client.show("pirate"), "system") else True
     assert 'SYSTEM """You are a pirate."""' in client.show("pirate").modelfile
     with pytest.raises(ollama.ResponseError) as e:
         client.create(model="bad", from_="/etc/passwd")
