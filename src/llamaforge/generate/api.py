@@ -62,8 +62,13 @@ class TokenStream:
     def __init__(self, lm, prompt_ids: list[int], params: SamplingParams,
                  processors: Iterable[LogitsProcessor] | None):
         self._lm = lm
+        self._closed = True  # until the request is queued, there is nothing to close
         self._engine = _checkout_engine(lm, len(prompt_ids) + params.max_tokens)
-        self.request: Request = self._engine.add(prompt_ids, params, processors)
+        try:
+            self.request: Request = self._engine.add(prompt_ids, params, processors)
+        except BaseException:
+            _return_engine(lm, self._engine)
+            raise
         self.completion: Completion | None = None
         self._logprobs: list | None = [] if params.logprobs is not None else None
         self._closed = False
