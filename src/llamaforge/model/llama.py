@@ -115,6 +115,7 @@ class Llama(nn.Module):
         # Not a parameter or buffer: it is derived from the config and must survive meta-device construction.
         self._inv_freq = None
         self.gradient_checkpointing = False
+        self.kv_dtype = None  # cache dtype when it differs from the activations' (model.quant: bfloat16)
 
     def tie_weights(self) -> None:
         """Re-tie after `load_state_dict(assign=True)` replaced one side of a tied pair."""
@@ -130,7 +131,7 @@ class Llama(nn.Module):
                   static: bool = False) -> KVCache:
         p = self.model.norm.weight  # a plain parameter in every weight format (quantized embeddings have none)
         return KVCache(self.config, batch_size, max_seq_len or self.config.max_position_embeddings,
-                       dtype=dtype or _activation_dtype(p), device=p.device, static=static)
+                       dtype=dtype or self.kv_dtype or _activation_dtype(p), device=p.device, static=static)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       input_pos: int | torch.Tensor | None = None, rows: torch.Tensor | None = None):
