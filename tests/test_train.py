@@ -176,3 +176,15 @@ def test_bf16_autocast_tracks_fp32(tmp_path, facts):
     a = _run(tmp_path, facts, "a", method="lora", lr=1e-2, max_steps=2)
     b = _run(tmp_path, facts, "b", method="lora", lr=1e-2, max_steps=2, precision="bf16")
     assert b.losses == pytest.approx(a.losses, abs=0.05) and b.losses != a.losses
+
+
+def test_packing_trains_on_fewer_longer_rows(tmp_path, facts):
+    from llamaforge.train.trainer import Trainer
+    cfg = TrainConfig(data=str(facts), out=str(tmp_path / "p"), method="lora", lr=1e-2, max_steps=2,
+                      batch_size=2, packing=True, max_seq_len=256)
+    t = Trainer(cfg, lm=TinyLM(tiny_llama()), chat_format=ChatMLFormat())
+    res = t.run()
+    assert len(t.train_set) < 12 and all(len(e.ids) <= 256 for e in t.train_set)
+    # every learned token survives packing: each answer's bytes plus its <|im_end|>, twice over
+    assert sum(sum(e.mask) for e in t.train_set) == 2 * sum(len(a.encode()) + 1 for _, a in FACTS)
+    assert len(res.losses) == 2

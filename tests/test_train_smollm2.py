@@ -19,7 +19,10 @@ def test_lora_sft_teaches_smollm2_heldout_facts(tmp_path, smollm2_gguf):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     import argparse
-    args = argparse.Namespace(out=tmp_path, threads=2, epochs=5, lr=1e-3, batch_size=8)
+    import os
+    # Two threads on an idle 2-core machine; one when it is shared (oversubscribed BLAS threads crawl).
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    args = argparse.Namespace(out=tmp_path, threads=1 if busy else 2, epochs=5, lr=1e-3, batch_size=8)
     result = bench.run_accuracy(args)
     assert result["exact_match_before"] <= 0.1
     assert result["exact_match_after"] >= 0.8, result["predictions_after"]
