@@ -253,19 +253,35 @@ class PenaltyProcessor:
         return logits
 
 
+_NUCLEUS_PROBE = 1024  # top-p first looks for the nucleus among this many best tokens before sorting them all
+
+
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float):
     """Apply temperature, top-k, top-p and min-p to logits [V] (float32).
 
-    Returns (candidate ids [N], their scaled logits [N]) sorted by decreasing logit; the dropped tokens are gone.
+    Returns (candidate ids [N], their scaled logits [N]), sorted by decreasing logit when any filter is on
+    (in vocabulary order when none is); the dropped tokens are gone.
     """
     scaled = logits / temperature
     V = scaled.shape[-1]
     if 0 < top_k < V:
         vals, idx = torch.topk(scaled, top_k)
+        probs = torch.softmax(vals, dim=-1) if top_p < 1.0 else None
+    elif top_p < 1.0:
+        # The nucleus is nearly always small: find it among the best few, normalised over the whole vocabulary;
+        # sort everything only when those do not reach top_p.
+        vals, idx = torch.topk(scaled, min(_NUCLEUS_PROBE, V))
+        probs = torch.exp(vals - torch.logsumexp(scaled, dim=-1))
+        if float(probs.sum()) < top_p and V > _NUCLEUS_PROBE:
+            vals, idx = torch.sort(scaled, descending=True)
+            probs = torch.softmax(vals, dim=-1)
+    elif min_p > 0.0:
+        keep = scaled >= scaled.max() + math.log(min_p)
+        vals, order = torch.sort(scaled[keep], descending=True)
+        return torch.nonzero(keep)[:, 0][order], vals
     else:
-        vals, idx = torch.sort(scaled, descending=True)
+        return torch.arange(V, device=scaled.device), scaled
     if top_p < 1.0:
-        probs = torch.softmax(vals, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass strictly above each token
         keep = before < top_p
         keep[0] = True
