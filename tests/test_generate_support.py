@@ -68,3 +68,10 @@ def smollm2_transformers():
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
         _SMOL["hf"] = (tok, model)
     return _SMOL["hf"]
+
+
+def release_smollm2() -> None:
+    """Drop the cached models (about 1.5 GB together) once the last module that uses them is done."""
+    _SMOL.clear()
+    import gc
+    gc.collect()
