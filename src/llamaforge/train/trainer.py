@@ -97,12 +97,12 @@ class _Dist:
 
 
 def load_base_model(spec: str):
-    """A LoadedModel from a path (GGUF / HF dir / Meta dir) or a store name."""
+    """A LoadedModel with dense float32 weights from a path (GGUF / HF dir / Meta dir) or a store name."""
     if Path(spec).exists():
         from ..formats.load import load_model
         return load_model(spec)
     import llamaforge
-    return llamaforge.load(spec)
+    return llamaforge.load(spec, dtype="float32")  # dense weights: no packed/fused inference fast path
 
 
 def _pick_device(cfg: TrainConfig, dist_local_rank: int) -> torch.device:
