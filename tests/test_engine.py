@@ -294,3 +294,24 @@ def test_prompt_prefix_is_reused_from_a_free_row(lm):
     again = engine.add(list(b"unrelated"), params)
     run_all(engine)
     assert again.cached_tokens == len(b"unrelated") - 1 and again.output_ids == other.output_ids
+
+
+def test_stop_requested_ends_a_stream_mid_prefill(lm):
+    s = stream(lm, list(range(1, 200)), max_tokens=5, ignore_eos=True, **GREEDY)
+    engine = s._engine
+    engine.prefill_chunk = 16
+    steps = []
+
+    def step():  # what a Ctrl-C handler does: set the flag while a step runs
+        steps.append(1)
+        out = orig()
+        s.stop_requested = True
+        return out
+
+    orig, engine.step = engine.step, step
+    try:
+        assert list(s) == []
+    finally:
+        del engine.step
+    assert len(steps) == 1 and s.request.pos == 16  # stopped one chunk into the 199-token prompt
+    assert s.request.done and s.request.cancelled and s.completion is None and not engine.has_work()

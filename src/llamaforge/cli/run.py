@@ -112,6 +112,7 @@ class ChatSession:
             # A flag checked between tokens, rather than an exception inside a tensor op.
             def on_sigint(signum, frame):
                 interrupted["flag"] = True
+                s.stop_requested = True  # also ends a long prefill at the next chunk
             old = signal.signal(signal.SIGINT, on_sigint)
         try:
             for ev in s:

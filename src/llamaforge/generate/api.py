@@ -70,13 +70,15 @@ class TokenStream:
             _return_engine(lm, self._engine)
             raise
         self.completion: Completion | None = None
+        # Set from anywhere (a signal handler included) to stop at the next step boundary, mid-prefill too.
+        self.stop_requested = False
         self._logprobs: list | None = [] if params.logprobs is not None else None
         self._closed = False
 
     def __iter__(self) -> Iterator[TokenEvent]:
         req, engine = self.request, self._engine
         try:
-            while not req.done and not self._closed:
+            while not req.done and not self._closed and not self.stop_requested:
                 for r, ev in engine.step():
                     if r is req:
                         if self._logprobs is not None:

@@ -354,10 +354,11 @@ class BatchEngine:
         # Rows 0..B-1 in order let the cache hand out views instead of gathered copies.
         rows = None if row_list == list(range(len(batch))) else torch.tensor(row_list, device=self.device)
         logits = self.model(ids, cache=self.cache, input_pos=pos, rows=rows, last_only=True)  # [B, 1, V]
+        logits = logits[:, -1].float().cpu()  # one device->host copy per step; sampling runs on the CPU
         for i, req in enumerate(batch):
             req.pos += 1
             self.cache.lengths[req.row] = req.pos
-            self._emit(req, logits[i, -1], events)
+            self._emit(req, logits[i], events)
 
     def _emit(self, req: Request, logits: torch.Tensor, events: list) -> None:
         """Sample the next token for `req` and turn it into an event (finishing the request if it ends)."""
@@ -439,7 +440,7 @@ def prompt_logprobs(lm, prompt_ids: Sequence[int], top_n: int = 0, *, chunk: int
     for start in range(0, len(ids), chunk):
         piece = ids[start:start + chunk]
         logits = model(torch.tensor([piece], device=device), cache=cache, input_pos=start)[0]  # [T, V]
-        lp = torch.log_softmax(logits.float(), dim=-1)
+        lp = torch.log_softmax(logits.float(), dim=-1).cpu()
         targets = ids[start + 1:start + 1 + len(piece)]
         chosen = lp[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)] if targets else None
         if top_n:
