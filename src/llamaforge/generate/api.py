@@ -41,6 +41,8 @@ class Completion:
     usage: {"prompt_tokens", "completion_tokens", "total_tokens"}; completion_tokens counts every sampled
     token, a final stop token included.
     logprobs: per generated token (id, logprob, top_logprobs) when `logprobs=` was given, else None.
+    timings: {"prompt_seconds", "decode_seconds"} (prefill until the first token, then the rest).
+    cached_tokens: prompt tokens whose keys/values were reused from the previous call (a chat's earlier turns).
     """
 
     text: str
@@ -49,7 +51,7 @@ class Completion:
     usage: dict[str, int]
     logprobs: list[tuple[int, float, list[tuple[int, float]] | None]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    cached_tokens: int = 0   # prompt tokens reused from the previous request's cache (not recomputed)
+    cached_tokens: int = 0
 
 
 class TokenStream:
