@@ -41,11 +41,12 @@ def test_read_message_multiline(monkeypatch):
     assert read_message() == "one line"
 
 
-def _stats(child) -> tuple[int, int]:
-    child.expect(r"prompt eval count:\s+(\d+)")
-    n_prompt = int(child.match.group(1))
+def _stats(child) -> tuple[int, int, int]:
+    """(prompt tokens, prompt tokens reused from the cache, generated tokens) from the verbose statistics."""
+    child.expect(r"prompt eval count:\s+(\d+) token\(s\), (\d+) reused")
+    n_prompt, reused = int(child.match.group(1)), int(child.match.group(2))
     child.expect(r"\neval count:\s+(\d+)")
-    return n_prompt, int(child.match.group(1))
+    return n_prompt, reused, int(child.match.group(1))
 
 
 def test_repl_two_turns_clear_and_ctrl_c():
@@ -59,21 +60,24 @@ def test_repl_two_turns_clear_and_ctrl_c():
         child.expect_exact("Set 'verbose' mode.")
         child.expect_exact(">>> ")
         child.sendline("My name is Ada. Please remember it.")
-        n1, e1 = _stats(child)
+        n1, r1, e1 = _stats(child)
+        assert r1 == 0
         child.expect_exact(">>> ")
         # Second turn: the prompt sent to the model holds the first turn and its answer.
         child.sendline('"""')
         child.sendline("What is")
         child.sendline('my name?"""')
-        n2, e2 = _stats(child)
+        n2, r2, e2 = _stats(child)
         assert n2 >= n1 + e1, (n1, e1, n2)
+        assert r2 >= n1  # the first turn's keys/values were reused, not recomputed
         child.expect_exact(">>> ")
         child.sendline("/clear")
         child.expect_exact("Cleared session context")
         child.expect_exact(">>> ")
         child.sendline("What is my name?")
-        n3, _ = _stats(child)
+        n3, r3, _ = _stats(child)
         assert n3 < n1 + 5 and n3 < n2 - e1, (n1, n2, n3)
+        assert 0 < r3 < n3  # only the system prompt is shared with the cached conversation
         child.expect_exact(">>> ")
         # Ctrl-C in the middle of a long answer stops it and returns to the prompt (no stats printed).
         child.sendline("/set parameter num_predict 2000")
