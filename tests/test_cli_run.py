@@ -83,6 +83,8 @@ def test_repl_two_turns_clear_and_ctrl_c():
         child.sendline("/set parameter num_predict 2000")
         child.expect_exact("Set parameter 'num_predict' to '2000'")
         child.expect_exact(">>> ")
+        child.sendline("/set parameter ignore_eos true")  # the answer cannot end before Ctrl-C arrives
+        child.expect_exact(">>> ")
         child.sendline("Write a very long story about a dragon and a knight.")
         child.expect_exact("knight.")                       # the echo of our line
         child.expect(re.compile(r"\w+\W+\w+\W+\w+\W+\w+"))  # some of the answer has streamed

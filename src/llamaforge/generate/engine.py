@@ -306,7 +306,8 @@ class BatchEngine:
     def step(self) -> list[tuple[Request, TokenEvent]]:
         """Prefill newcomers (one chunk budget per step) and decode one token for every active row.
 
-        Returns the events produced, in row order. A request's last event carries its finish_reason.
+        Returns the events produced: first tokens of requests whose prefill completed, then one per decoding row
+        (in row order). A request's last event carries its finish_reason; cancelled requests produce none.
         """
         self._reap_cancelled()
         self._admit()
