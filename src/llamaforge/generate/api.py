@@ -167,8 +167,9 @@ def prepare_chat(lm, messages: Sequence[dict], sampling: dict | None = None) -> 
     fmt = chat_format_for(lm.tokenizer, template=(lm.defaults or {}).get("template"))
     ids = list(fmt.encode(messages, add_generation_prompt=True))
     params = make_params(lm, dict(sampling or {}))
+    # The format's end-of-turn ids stop the answer (unless ignore_eos asks to run on, as with EOS itself).
     extra = tuple(i for i in getattr(fmt, "stop_ids", ()) if i not in params.stop_ids)
-    if extra:
+    if extra and not params.ignore_eos:
         params = params.replace(stop_ids=params.stop_ids + tuple(sorted(extra)))
     _check_context(lm, ids)
     return ids, params
