@@ -34,6 +34,9 @@ METRICS = [  # key, label, unit, higher is better
     ("prefill_128", "prefill 128", "tok/s", True), ("prefill_512", "prefill 512", "tok/s", True),
     ("decode", "decode", "tok/s", True), ("ttft_ms", "TTFT (128)", "ms", False),
     ("rss_mb", "peak RSS", "MB", False), ("load_s", "load", "s", False),
+    # Process CPU time (all threads): on a shared machine, contention inflates wall time but barely CPU time
+    # (with several threads it includes their spin-waiting, so compare like with like).
+    ("decode_cpu_ms", "decode CPU/token", "ms", False), ("prefill_512_cpu_ms", "prefill 512 CPU", "ms", False),
 ]
 
 
@@ -145,19 +148,23 @@ def worker_speed(config: str, path: Path, ids: list[int], threads: int) -> dict:
     tok = r.step(r.prefill(ids[:16]))
     res = {"config": config, "detail": r.name_detail, "load_s": r.load_s}
     for n in PROMPT_LENS:
+        cpu = time.process_time()
         with Timer() as t:
             r.prefill(ids[:n])
         res[f"prefill_{n}"] = n / t.s
+        res[f"prefill_{n}_cpu_ms"] = 1000 * (time.process_time() - cpu)
     # TTFT and decode on the 128-token prompt: greedy, NEW_TOKENS tokens, the first token is the TTFT.
     with Timer() as t:
         tok = r.prefill(ids[:PROMPT_LENS[0]])
     res["ttft_ms"] = 1000 * t.s
     out = [tok]
+    cpu = time.process_time()
     with Timer() as t:
         for _ in range(NEW_TOKENS - 1):
             tok = r.step(tok)
             out.append(tok)
     res["decode"] = (NEW_TOKENS - 1) / t.s
+    res["decode_cpu_ms"] = 1000 * (time.process_time() - cpu) / (NEW_TOKENS - 1)
     res["rss_mb"] = peak_rss_mb()
     res["greedy_ids"] = out
     return res
@@ -298,7 +305,7 @@ def aggregate(configs, runs, ppl):
     table = {}
     for c in configs:
         rs = [r for r in runs if r["config"] == c and "error" not in r]
-        row = {k: summarize([r[k] for r in rs]) for k, *_ in METRICS}
+        row = {k: summarize([r.get(k) for r in rs]) for k, *_ in METRICS}
         row["detail"] = rs[0]["detail"] if rs else None
         row["errors"] = [r["error"] for r in runs if r["config"] == c and "error" in r]
         row["ppl"] = ppl.get(c, {}).get("ppl")
@@ -338,6 +345,8 @@ def markdown(table, rat, ours, meta) -> str:
             cells.append(cell)
         ppl = f"{row['ppl']:.3f}" if row["ppl"] else (row["ppl_error"] or "-")
         lines.append(f"| {c} ({row['detail']}) | " + " | ".join(cells) + f" | {ppl} |")
+    if not rat:
+        return "\n".join(lines) + "\n"
     lines += ["", f"Ratios, {ours} / peer (tok/s: higher is better; TTFT, RSS, load: lower is better):", "",
               "| peer | " + " | ".join(lab for _, lab, _, _ in METRICS) + " | perplexity |",
               "|" + "---|" * (len(METRICS) + 2)]
