@@ -35,7 +35,8 @@ Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D
 
 def build_parser() -> argparse.ArgumentParser:
     from .generate import add_load_flags, add_sampling_flags
-    p = argparse.ArgumentParser(prog="llamaforge run", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="llamaforge run", description=__doc__.split(": ", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help=f"store name or path (default: {DEFAULT_MODEL})")
     p.add_argument("prompt", nargs="?", metavar="PROMPT", help="answer this once and exit")
