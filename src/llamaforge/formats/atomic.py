@@ -22,6 +22,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(path):
     """Yield a temporary path next to `path`; on success fsync it and os.replace it onto `path`."""
@@ -34,6 +40,8 @@ def atomic_file(path):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the result the permissions a plain open() would have.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

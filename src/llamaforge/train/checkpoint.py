@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LlamaforgeError
+from ..formats.atomic import fsync_dir as _fsync_dir
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -25,19 +26,6 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 class CheckpointError(LlamaforgeError):
     """A checkpoint cannot be used to resume (corrupt, or from a different run configuration)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write(path: Path, data: bytes) -> dict:
