@@ -256,6 +256,7 @@ def quantize_model(model, quant, gguf=None, *, device="cpu"):
             delattr(attn, n)
         for n in _GATE_UP:
             delattr(mlp, n)
+        _release_free_memory()  # per layer: otherwise glibc keeps every layer's temporaries (+200 MB peak)
     # Embedding and lm_head: int8 rows (also for "q4": the logits are what perplexity sees first).
     q, s = source.int8("model.embed_tokens.weight")
     model.model.embed_tokens = Int8Embedding(q, s)
