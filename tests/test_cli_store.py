@@ -162,11 +162,13 @@ def test_create_then_run_uses_system_params_and_template(tmp_path, vocab_dir):
     p = subprocess.run([sys.executable, "-m", "llamaforge", "run", "tv-chat", "Hello there"], env=env,
                        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr
-    # Reference: the bare file, the same system prompt, template and parameters given by hand.
+    # Reference: the bare file, the same system prompt, template and parameters given by hand (plus the
+    # repeat penalty `run` applies by default, as `ollama run` does).
+    from llamaforge.cli.run import RUN_DEFAULTS
     base = llamaforge.load(tmp_path / "tiny-vocab.gguf")
     base.defaults = {"template": tmpl.read_text()}
     ref = base.chat([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}],
-                    temperature=0, max_tokens=7)
+                    temperature=0, max_tokens=7, repeat_penalty=RUN_DEFAULTS["repeat_penalty"])
     assert len(ref.token_ids) == 7
     assert p.stdout.rstrip("\n") == ref.text
     # And the reference differs without the system prompt, so the check above can fail.

@@ -17,7 +17,8 @@ import time
 DEFAULT_MODEL = "smollm2"
 DEMO_PROMPT = "In two or three sentences, why is the sky blue?"
 # Chat answers may run longer than a raw completion's default; the context window still bounds them.
-RUN_DEFAULTS = {"max_tokens": 1024}
+# Interactive chat defaults, as `ollama run` has them: a mild repeat penalty keeps small models out of loops.
+RUN_DEFAULTS = {"max_tokens": 1024, "repeat_penalty": 1.1}
 # Tokens kept free for the answer when old turns must be dropped to fit the context.
 ANSWER_ROOM = 256
 
