@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (OUT, TEXT, Timer, nll_sum, peak_rss_mb, perplexity_windows, smollm2_gguf,  # noqa: E402
                     summarize, write_json_atomic, write_text_atomic)
 
-DEFAULT_CONFIGS = ["llamaforge", "llamaforge:none", "llama.cpp", "hf-fp32", "hf-bf16"]
+DEFAULT_CONFIGS = ["llamaforge", "llamaforge:eager", "llamaforge:none", "llama.cpp", "hf-fp32", "hf-bf16"]
 PEERS = ["llama.cpp", "hf-fp32", "hf-bf16"]
 PROMPT_LENS = (128, 512)
 NEW_TOKENS = 128
@@ -42,17 +42,21 @@ METRICS = [  # key, label, unit, higher is better
 
 # --------------------------------------------------------------------------------------------- runtimes
 class LlamaforgeRunner:
-    def __init__(self, path: Path, quant: str | None, threads: int):
+    """config "llamaforge[:QUANT][:eager]": the default load, which decodes through the AOT-compiled step when its
+    artifact is cached (`prepare_compiled` builds it before the timed runs); ":eager" turns that off."""
+
+    def __init__(self, path: Path, quant: str | None, threads: int, compiled: bool = True):
         import torch
         torch.set_num_threads(threads)
         import llamaforge
-        self.torch = torch
+        from llamaforge.model import aot
+        self.torch, self.aot = torch, aot
         with Timer() as t:
             kw = {"dtype": "float32"} if quant == "none" else {"quant": quant}
-            self.lm = llamaforge.load(str(path), **kw)
+            self.lm = llamaforge.load(str(path), compile=compiled and "auto", **kw)
         self.load_s = t.s
         self.model = self.lm.model
-        self.name_detail = self.lm.metadata.get("quant") or "none"
+        self.name_detail = (self.lm.metadata.get("quant") or "none") + (", compiled" if self.lm.compiled else "")
         self.cache = self.model.new_cache(1, N_CTX)
 
     def prefill(self, ids):
@@ -62,10 +66,10 @@ class LlamaforgeRunner:
         return int(logits[0, -1].argmax())
 
     def step(self, tok):
-        with self.torch.inference_mode():
-            logits = self.model(self.torch.tensor([[tok]]), cache=self.cache, input_pos=self.pos, last_only=True)
+        with self.torch.inference_mode():  # what the engine does for one stream
+            logits = self.aot.decode_one(self.lm, tok, self.cache, self.pos)
         self.pos += 1
-        return int(logits[0, -1].argmax())
+        return int(logits.argmax())
 
     def logits(self, ids):
         with self.torch.inference_mode():
@@ -131,8 +135,9 @@ class HFRunner:
 
 def make_runner(config: str, path: Path, threads: int, for_ppl: bool = False):
     if config == "llamaforge" or config.startswith("llamaforge:"):
-        quant = config.partition(":")[2] or None
-        return LlamaforgeRunner(path, quant, threads)
+        parts = config.split(":")[1:]
+        quant = next((p for p in parts if p != "eager"), None)
+        return LlamaforgeRunner(path, quant, threads, compiled="eager" not in parts)
     if config == "llama.cpp":
         return LlamaCppRunner(path, threads, logits_all=for_ppl)
     if config in ("hf-fp32", "hf-bf16"):
@@ -274,6 +279,26 @@ def text_ids(path: Path) -> list[int]:
     except ImportError:
         from llamaforge.formats.load import load_model  # tokenizer only; weights are not the point here
         return load_model(path, quant="q4").tokenizer.encode(text)
+
+
+def prepare_compiled(configs, path: Path, threads: int) -> dict:
+    """Build the AOT-compiled decode step of each compiled llamaforge config once, before anything is timed
+    (a one-time cost per machine, like installing; it is reported, not hidden). Returns seconds per config."""
+    out = {}
+    for c in configs:
+        if not c.startswith("llamaforge") or "eager" in c.split(":") or c.split(":")[1:2] == ["none"]:
+            continue
+        quant = next((p for p in c.split(":")[1:] if p != "eager"), None)
+        code = ("import sys, time, torch; torch.set_num_threads(int(sys.argv[2])); import llamaforge; "
+                "t = time.perf_counter(); lm = llamaforge.load(sys.argv[1], quant=sys.argv[3] or None, compile=True); "
+                "print(round(time.perf_counter() - t, 1) if lm.compiled else 'none')")
+        r = subprocess.run([sys.executable, "-c", code, str(path), str(threads), quant or ""],
+                           capture_output=True, text=True)
+        out[c] = r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else "failed"
+        print(f"[compile] {c}: {out[c]} s (load + build if not cached)", file=sys.stderr, flush=True)
+        if r.returncode:
+            print(r.stderr[-2000:], file=sys.stderr)
+    return out
 
 
 def run_worker(task: str, config: str, ids_file: Path, threads: int, path: Path, timeout: int) -> dict:
@@ -419,6 +444,7 @@ def main(argv=None) -> int:
     if len(ids) < max(PROMPT_LENS):
         raise SystemExit(f"{TEXT} has only {len(ids)} tokens; need {max(PROMPT_LENS)}")
     a.out.mkdir(parents=True, exist_ok=True)
+    compile_s = prepare_compiled(configs, path, a.threads)
     ids_file = a.out / "text_ids.json"
     write_json_atomic(ids_file, ids)
     runs = []
@@ -445,7 +471,7 @@ def main(argv=None) -> int:
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     meta = {"model": path.name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": a.threads,
             "reps": a.reps, "cpu": cpu, "loadavg": os.getloadavg(), "prompt_lens": PROMPT_LENS,
-            "new_tokens": NEW_TOKENS, "ppl_text": TEXT.name, "ppl_tokens": len(ids), "ppl_ctx": PPL_CTX}
+            "new_tokens": NEW_TOKENS, "compile_s": compile_s, "ppl_text": TEXT.name, "ppl_tokens": len(ids), "ppl_ctx": PPL_CTX}
     md = markdown(table, rat, ours, meta)
     write_text_atomic(a.out / "results.md", md)
     write_json_atomic(a.out / "results.json", {"meta": meta, "results": table, "ratios": rat, "runs": runs})

@@ -42,8 +42,10 @@ def llama3_tokenizer_model() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    # Every test gets its own model store so nothing touches ~/.llamaforge.
+    # Every test gets its own model store so nothing touches ~/.llamaforge. No background builds of the compiled
+    # decode step either (each fresh store would start one): tests/test_aot.py builds and checks it explicitly.
     monkeypatch.setenv("LLAMAFORGE_HOME", str(tmp_path_factory.mktemp("lfhome")))
+    monkeypatch.setenv("LLAMAFORGE_COMPILE", "0")
 
 
 TINY_VARIANTS = {

@@ -24,6 +24,7 @@ class LoadedModel:
     name: str | None = None
     metadata: dict = field(default_factory=dict)   # format facts: file type / quantization, license, template...
     defaults: dict = field(default_factory=dict)   # {"system": str, "options": {...}, "template": str}
+    compiled: Any = None   # model.aot.CompiledDecoder: the AOT-compiled one-token decode step, when available
 
     @property
     def device(self) -> torch.device:
@@ -44,11 +45,14 @@ class LoadedModel:
 
 
 def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         quant: str | None = None, **kwargs) -> LoadedModel:
+         quant: str | None = None, compile: bool | str = "auto", **kwargs) -> LoadedModel:
     """Load by store name (e.g. "smollm2") or path (GGUF file, HF directory, Meta checkpoint directory).
 
     dtype: activation/weight dtype for dequantized weights (default float32 on CPU).
     quant: in-memory weight format for the fast path (see llamaforge.model.quant), None = the default.
+    compile: the AOT-compiled decode step (llamaforge.model.aot) for quantized CPU models: "auto" uses a cached
+        one and otherwise builds it in a background process for next time; True builds it now if missing
+        (30-120 s); False never uses it. LLAMAFORGE_COMPILE=0 turns it off.
     """
     from .formats.load import load_model
     from .store import resolve
@@ -62,4 +66,7 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
         # A store model created with `--adapter`: a PEFT LoRA adapter directory applied on top of the base.
         from .train.lora import apply_adapter
         apply_adapter(lm, lm.defaults["adapter"])
+    if compile and (lm.metadata.get("quant") or "none") != "none":
+        from .model.aot import attach
+        attach(lm, build_missing=True if compile is True else "background")
     return lm

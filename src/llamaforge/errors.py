@@ -65,3 +65,7 @@ class ContextLengthError(InvalidRequestError):
             f"prompt has {prompt_tokens} tokens but the context window is {context_length} tokens",
             field="prompt",
         )
+
+
+class CompileError(LlamaforgeError):
+    """The compiled decode step could not be built (the eager path keeps working)."""

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "convert a model to a Hugging Face directory or GGUF"),
     "tokenize": ("tokenize", "print the token ids of a text"),
     "finetune": ("finetune", "fine-tune (SFT full/LoRA/QLoRA, DPO), merge adapters"),
+    "compile": ("compile", "build a model's compiled decode step now (otherwise built in the background)"),
     "bench": ("bench", "benchmark against llama.cpp and transformers"),
 }
 

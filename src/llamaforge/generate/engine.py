@@ -20,6 +20,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import torch
 
 from ..errors import ContextLengthError, InvalidRequestError
+from ..model import aot
 from .sampling import LogitsProcessor, Sampler, SamplingParams
 
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -349,6 +350,13 @@ class BatchEngine:
         if not batch:
             return
         batch.sort(key=lambda r: r.row)
+        if len(batch) == 1 and aot.current(self.lm) is not None:  # one stream: the AOT-compiled step
+            req = batch[0]
+            logits = aot.decode_one(self.lm, req._next_token, self.cache, req.pos, req.row)[None].float()
+            req.pos += 1
+            self.cache.lengths[req.row] = req.pos
+            self._emit(req, logits[0], events)
+            return
         ids = torch.tensor([[r._next_token] for r in batch], dtype=torch.long, device=self.device)
         pos = torch.tensor([r.pos for r in batch], dtype=torch.long, device=self.device)
         row_list = [r.row for r in batch]

@@ -28,23 +28,33 @@ class KVCache:
         # Number of valid positions per row; engines keep it up to date (the model does not read it).
         self.lengths = [0] * batch_size
 
+    @classmethod
+    def wrap(cls, k: list[torch.Tensor], v: list[torch.Tensor]) -> "KVCache":
+        """A cache around existing per-layer tensors [B, n_kv, max_len, D] (used when tracing the decode step)."""
+        cache = cls.__new__(cls)
+        cache.static, cache.k, cache.v = False, k, v
+        cache.batch_size, cache.max_seq_len = k[0].shape[0], k[0].shape[2]
+        cache.lengths = [0] * cache.batch_size
+        return cache
+
     @property
     def dtype(self) -> torch.dtype:
         return self.k[0].dtype
 
     def update(self, layer: int, rows: torch.Tensor | None, positions: torch.Tensor,
-               k: torch.Tensor, v: torch.Tensor, span: int):
+               k: torch.Tensor, v: torch.Tensor, span: int, start: int | None = None):
         """Write k/v [B, n_kv, T, D] at `positions` [B, T] of `rows` [B]; return keys/values [B, n_kv, span, D].
 
-        `rows=None` means rows 0..B-1, which lets us use views instead of gathers on the common path.
+        `rows=None` means rows 0..B-1 and `start` (an int) says every row writes positions start..start+T-1: then
+        the write is a slice and the result a view, with no index tensors and no host sync (what a traced or
+        compiled decode step needs).
         """
         kc, vc = self.k[layer], self.v[layer]
         B, _, T, _ = k.shape
         if rows is None:
-            if T == 1 and B == 1 and not self.static:
-                p = int(positions[0, 0])
-                kc[0, :, p] = k[0, :, 0]
-                vc[0, :, p] = v[0, :, 0]
+            if start is not None:
+                kc[:B, :, start:start + T] = k
+                vc[:B, :, start:start + T] = v
             else:
                 r = torch.arange(B, device=k.device)[:, None].expand(B, T)
                 kc[r, :, positions] = k.transpose(1, 2).to(kc.dtype)

@@ -7,6 +7,8 @@ Shapes: B batch, T new tokens, S keys attended (cache span), H query heads, K kv
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +33,23 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class Step(NamedTuple):
+    """What every layer of one forward call shares.
+
+    positions [B, T]; mask [B, 1, T, S] bool or None (None: attend to all S keys, causally when T > 1 without a
+    cache); span: S, keys attended; start: one first position for all rows as an int, which lets the cache write
+    a slice instead of scattering (None when rows have their own positions).
+    """
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: KVCache | None
+    rows: torch.Tensor | None
+    positions: torch.Tensor
+    mask: torch.Tensor | None
+    span: int
+    start: int | None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -43,8 +62,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=b)
         self.qkv_proj = None  # q/k/v fused into one matmul by model.quant at inference time
 
-    def forward(self, x, cos, sin, cache: KVCache | None, rows, positions, mask):
+    def forward(self, x, step: Step):
         B, T, _ = x.shape
+        cos, sin, cache, mask = step.cos, step.sin, step.cache, step.mask
         if self.qkv_proj is None:
             q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
             k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, K, T, D]
@@ -55,11 +75,12 @@ class Attention(nn.Module):
             qk = apply_rope(qkv[:, :self.n_heads + self.n_kv], cos, sin)  # one rotation for q and k together
             q, k, v = qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv:]
         if cache is not None:
-            k, v = cache.update(self.layer_idx, rows, positions, k, v, span=mask.shape[-1])  # [B, K, S, D]
+            k, v = cache.update(self.layer_idx, step.rows, step.positions, k, v, span=step.span,
+                                start=step.start)  # [B, K, S, D]
             k, v = k.to(q.dtype), v.to(q.dtype)
         gqa = self.n_kv != self.n_heads
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        if mask is None:  # no cache: causal over the T tokens; with a cache, one new token sees every key
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 and cache is None, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -89,8 +110,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, rows, positions, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, rows, positions, mask)
+    def forward(self, x, step: Step):
+        x = x + self.self_attn(self.input_layernorm(x), step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -144,29 +165,27 @@ class Llama(nn.Module):
         dev = input_ids.device
         x = self.model.embed_tokens(input_ids)  # [B, T, C]
         ar = torch.arange(T, device=dev)
-        if input_pos is None:
-            positions = ar.expand(B, T)
-        elif isinstance(input_pos, int):
-            positions = (ar + input_pos).expand(B, T)
-        else:
-            positions = input_pos.to(dev)[:, None] + ar  # [B, T]
-        mask = None
+        start = 0 if input_pos is None else input_pos if isinstance(input_pos, (int, torch.SymInt)) else None
+        positions = (ar + start).expand(B, T) if start is not None else input_pos.to(dev)[:, None] + ar  # [B, T]
+        mask, span = None, T
         if cache is not None:
             if getattr(cache, "static", False):
                 span = cache.max_seq_len  # fixed shapes, no sync; the mask hides the unused slots
             else:
-                span = int(positions.max()) + 1
-                if span > cache.max_seq_len:
+                span = start + T if start is not None else int(positions.max()) + 1
+                if isinstance(span, int) and span > cache.max_seq_len:  # (a traced size is checked by the tracer)
                     raise ValueError(f"position {span - 1} is beyond the cache length {cache.max_seq_len}")
             # A key at position j is visible to a query at position p iff j <= p (stale slots are masked out).
-            mask = (torch.arange(span, device=dev)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
+            # One new token at a position shared by all rows sees every key up to it: no mask needed.
+            if T > 1 or start is None or getattr(cache, "static", False):
+                mask = (torch.arange(span, device=dev)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
+        step = Step(cos, sin, cache, rows, positions, mask, span, start)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, rows, positions, mask,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, step, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, rows, positions, mask)
+                x = layer(x, step)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,

@@ -1,0 +1,234 @@
+"""The AOT-compiled decode step (model/aot.py) against the eager model it is traced from, on real SmolLM2 Q4_1.
+
+One build (~60 s on two cores) is shared by the module; everything else reuses it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llamaforge
+from llamaforge.errors import CompileError
+from llamaforge.generate.engine import BatchEngine
+from llamaforge.generate.sampling import SamplingParams
+from llamaforge.model import aot
+
+ESSAY = Path(__file__).resolve().parent.parent / "bench" / "texts" / "essay.txt"
+PROMPTS = ["The first bridges were", "Steel is strong when it is", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("aot_home")
+
+
+@pytest.fixture(scope="module")
+def lm(smollm2_gguf, home):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LLAMAFORGE_HOME", str(home))
+    mp.setenv("LLAMAFORGE_COMPILE", "1")
+    try:
+        lm = llamaforge.load(str(smollm2_gguf), compile=True)  # builds into the module's home
+    finally:
+        mp.undo()
+    assert lm.compiled is not None
+    return lm
+
+
+@pytest.fixture(autouse=True)
+def _same_home(home, monkeypatch):
+    monkeypatch.setenv("LLAMAFORGE_HOME", str(home))
+    monkeypatch.setenv("LLAMAFORGE_COMPILE", "1")
+
+
+def _eager(lm, tok, cache, pos, row=0):
+    rows = None if row == 0 else torch.tensor([row])
+    return lm.model(torch.tensor([[tok]]), cache=cache, input_pos=pos if rows is None else torch.tensor([pos]),
+                    rows=rows, last_only=True)[0, -1]
+
+
+def _prefill(lm, ids, cache, row=0):
+    rows = None if row == 0 else torch.tensor([row])
+    return lm.model(torch.tensor([ids]), cache=cache, input_pos=0 if rows is None else torch.tensor([0]),
+                    rows=rows, last_only=True)[0, -1]
+
+
+@torch.inference_mode()
+def test_compiled_step_matches_eager_step_and_writes_the_cache(lm):
+    ids = lm.tokenizer.encode(PROMPTS[0])
+    c_eager, c_aot = lm.model.new_cache(1, 128), lm.model.new_cache(1, 128)
+    tok = int(_prefill(lm, ids, c_eager).argmax())
+    _prefill(lm, ids, c_aot)
+    before = [t.clone() for t in c_aot.k]
+    pos = len(ids)
+    a, b = _eager(lm, tok, c_eager, pos), lm.compiled(tok, c_aot, pos)
+    assert b.shape == (lm.config.vocab_size,) and b.dtype == torch.float32
+    # Same weights and kernels; inductor only fuses and reorders the float32/bf16 glue between them.
+    assert (a - b).abs().max() < 0.05 * a.abs().max(), (a - b).abs().max()
+    assert int(a.argmax()) == int(b.argmax())
+    for layer in range(lm.config.num_hidden_layers):
+        k_e, k_a = c_eager.k[layer][0, :, pos].float(), c_aot.k[layer][0, :, pos].float()
+        assert (k_e - k_a).abs().max() < 0.05 * k_e.abs().max() + 1e-3       # written in place, at pos
+        assert torch.equal(c_aot.k[layer][0, :, :pos], before[layer][0, :, :pos])  # nothing before it moved
+        assert not c_aot.k[layer][0, :, pos + 1:].any()                       # nor after it
+
+
+@torch.inference_mode()
+def test_greedy_generation_equals_eager_through_the_engine(lm):
+    compiled = lm.compiled
+    outs = {}
+    for mode in ("eager", "compiled"):
+        lm.compiled = compiled if mode == "compiled" else None
+        engine = BatchEngine(lm, max_batch=2, max_seq_len=256)
+        texts = []
+        for prompt in PROMPTS:
+            req = engine.add(lm.tokenizer.encode(prompt), SamplingParams(max_tokens=24, temperature=0))
+            while engine.has_work():
+                engine.step()
+            texts.append(req.output_ids)
+        outs[mode] = texts
+    lm.compiled = compiled
+    assert outs["compiled"] == outs["eager"]
+
+
+@torch.inference_mode()
+def test_perplexity_through_the_compiled_step_stays_with_eager(lm):
+    """Token-by-token perplexity over 160 tokens of the essay: the compiled step costs no quality."""
+    ids = lm.tokenizer.encode(ESSAY.read_text(encoding="utf-8"))[:160]
+    nll = {}
+    for mode in ("eager", "compiled"):
+        cache = lm.model.new_cache(1, 256)
+        logits = _prefill(lm, ids[:1], cache)
+        total = 0.0
+        for pos in range(1, len(ids)):
+            total -= float(torch.log_softmax(logits.float(), -1)[ids[pos]])
+            step = lm.compiled if mode == "compiled" else (lambda t, c, p: _eager(lm, t, c, p))
+            logits = step(ids[pos], cache, pos)
+        nll[mode] = total / (len(ids) - 1)
+    ppl_e, ppl_c = math.exp(nll["eager"]), math.exp(nll["compiled"])
+    assert 1 < ppl_e < 200
+    assert abs(ppl_c / ppl_e - 1) < 0.005, (ppl_c, ppl_e)
+
+
+@torch.inference_mode()
+def test_other_rows_of_a_shared_cache(lm):
+    """The server keeps one request per cache row; the step writes and reads only its own row."""
+    ids = lm.tokenizer.encode(PROMPTS[1])
+    cache, ref = lm.model.new_cache(3, 64), lm.model.new_cache(3, 64)
+    for c in (cache, ref):
+        _prefill(lm, ids, c, row=2)
+    snapshot = [t[:2].clone() for t in cache.v]
+    tok = 13
+    a, b = _eager(lm, tok, ref, len(ids), row=2), aot.decode_one(lm, tok, cache, len(ids), row=2)
+    assert int(a.argmax()) == int(b.argmax())
+    assert all(torch.equal(t[:2], s) for t, s in zip(cache.v, snapshot))
+
+
+def test_bad_positions_are_refused(lm):
+    cache = lm.model.new_cache(1, 16)
+    for pos in (0, 16, 100):
+        with pytest.raises(ValueError, match="position"):
+            lm.compiled(1, cache, pos)
+
+
+def test_artifact_key_follows_what_the_code_depends_on(lm):
+    m = lm.model
+    p = aot.artifact_path(m, torch.bfloat16)
+    assert p.exists() and p.parent == Path(os.environ["LLAMAFORGE_HOME"]) / "compiled"
+    assert aot.artifact_path(m, torch.float32) != p               # cache dtype
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert aot.artifact_path(m, torch.bfloat16) != p          # baked OpenMP thread count
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_corrupt_artifact_falls_back_to_eager(lm, smollm2_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMAFORGE_HOME", str(tmp_path))
+    path = aot.artifact_path(lm.model, lm.model.kv_dtype)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 not really a package")
+    other = llamaforge.load(str(smollm2_gguf), compile="auto")
+    assert other.compiled is None and not path.exists()            # dropped, so a later build can replace it
+    cache = other.model.new_cache(1, 32)
+    _prefill(other, [1, 2, 3], cache)
+    assert aot.decode_one(other, 5, cache, 3).shape == (other.config.vocab_size,)
+
+
+def test_background_build_is_started_once(lm, smollm2_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMAFORGE_HOME", str(tmp_path))
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+            self.pid = os.getpid()  # alive: the lock stays valid
+
+    monkeypatch.setattr(aot.subprocess, "Popen", FakePopen)
+    for _ in range(2):
+        other = llamaforge.load(str(smollm2_gguf))
+        assert other.compiled is None
+    assert len(started) == 1
+    cmd = started[0]
+    assert cmd[1:3] == ["-m", "llamaforge.model.aot"] and "--out" in cmd and cmd[cmd.index("--quant") + 1] == "q4"
+    # When the artifact lands, the waiting model picks it up (polling is rate-limited: force the next check).
+    dst = Path(cmd[cmd.index("--out") + 1])
+    assert dst.parent == tmp_path / "compiled" and dst.name == Path(lm.compiled.path).name
+    assert aot.current(other) is None
+    dst.write_bytes(Path(lm.compiled.path).read_bytes())
+    other._compiled_pending[1] = 0
+    assert aot.current(other) is not None
+
+
+def test_disabled_by_environment(smollm2_gguf, monkeypatch):
+    monkeypatch.setenv("LLAMAFORGE_COMPILE", "0")
+    assert llamaforge.load(str(smollm2_gguf), compile=True).compiled is None
+
+
+def test_dense_models_are_not_compiled(tmp_path):
+    from conftest import make_tiny_hf
+    hf = make_tiny_hf("llama32")
+    hf.save_pretrained(tmp_path / "m")
+    lm = llamaforge.load(str(tmp_path / "m"))
+    assert lm.compiled is None and lm.metadata.get("quant") in (None, "none")
+
+
+def test_the_serving_process_does_not_import_the_compiler(lm, smollm2_gguf, home):
+    """Loading and running the compiled step needs only torch's C++ runner: no dynamo/inductor (+150 MB)."""
+    code = ("import sys, torch, llamaforge; from llamaforge.model import aot\n"
+            f"lm = llamaforge.load({str(smollm2_gguf)!r})\n"
+            "assert lm.compiled is not None\n"
+            "c = lm.model.new_cache(1, 16); lm.model(torch.tensor([[1, 2]]), cache=c, input_pos=0)\n"
+            "aot.decode_one(lm, 3, c, 2)\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor', 'sympy'))))")
+    env = dict(os.environ, LLAMAFORGE_HOME=str(home), LLAMAFORGE_COMPILE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_build_errors_are_named(lm, tmp_path):
+    class NotALlama(torch.nn.Module):
+        config = lm.model.config
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.kv_dtype = None
+
+        def new_cache(self, *a, **k):
+            raise RuntimeError("no cache here")
+
+        def inv_freq(self, device):
+            return torch.ones(2)
+
+    with pytest.raises(CompileError, match="no cache here"):
+        aot.build(NotALlama(), tmp_path / "x.pt2")
+    assert not list(tmp_path.iterdir())
