@@ -454,15 +454,22 @@ def load_gguf_state_dict(path_or_file, dtype: torch.dtype = torch.float32):
     return config, dict(iter_gguf_state_dict(gf, config, dtype))
 
 
+# llama.cpp's `llama_ftype` values (general.file_type) -> names; a table here rather than importing the `gguf`
+# package at load time (it pulls in numpy, yaml and more: ~30 ms and a few MB resident for one enum).
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4", 40: "Q1_0",
+}
+
+
 def file_type_name(gf: GGUFFile) -> str:
     """Human name of the file's weight type ("Q4_1", "F16", ...): general.file_type, else the commonest 2-D type."""
     ft = gf.metadata.get("general.file_type")
-    if isinstance(ft, int):
-        try:
-            from gguf import LlamaFileType
-            return LlamaFileType(ft).name.replace("MOSTLY_", "").replace("ALL_", "")
-        except (ImportError, ValueError):
-            pass
+    if isinstance(ft, int) and ft in FILE_TYPES:
+        return FILE_TYPES[ft]
     counts: dict[str, int] = {}
     for t in gf.tensors.values():
         if len(t.shape) == 2:

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import CompileError, LlamaforgeError
 from .kv_cache import KVCache
 
-FORMAT_VERSION = 1            # bump when the traced code changes in a way that invalidates built artifacts
+FORMAT_VERSION = 2            # bump when artifacts must be rebuilt for a reason outside model/*.py
 _LOCK_STALE_S = 3600          # a build lock older than this (or whose process is gone) is ignored
 _POLL_S = 2.0                 # how often a process waiting for a background build looks for the artifact
 
@@ -77,11 +77,20 @@ def _weight_slots(model: nn.Module):
     return names, index, weights
 
 
+def _source_digest() -> str:
+    """The traced code itself: any edit to the model package invalidates artifacts built from older code."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def signature(model: nn.Module, kv_dtype: torch.dtype) -> dict:
     """Everything the compiled code depends on. Two models with equal signatures share one artifact."""
     _, _, weights = _weight_slots(model)
     return {
         "format": FORMAT_VERSION,
+        "source": _source_digest(),
         "torch": torch.__version__,
         "cpu": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),  # inductor bakes the OpenMP thread count into its loops
@@ -90,7 +99,7 @@ def signature(model: nn.Module, kv_dtype: torch.dtype) -> dict:
         "quant": getattr(model, "_quant", None) or "none",
         "kv_dtype": str(kv_dtype),
         "weights": [(str(w.dtype), list(w.shape)) for w in weights],
-        "modules": sorted({type(m).__name__ for m in model.modules()}),
+        "modules": sorted({f"{type(m).__name__}:{getattr(m, 'out_dtype', None)}" for m in model.modules()}),
     }
 
 

@@ -79,8 +79,8 @@ class Attention(nn.Module):
                                 start=step.start)  # [B, K, S, D]
             k, v = k.to(q.dtype), v.to(q.dtype)
         gqa = self.n_kv != self.n_heads
-        if mask is None:  # no cache: causal over the T tokens; with a cache, one new token sees every key
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 and cache is None, enable_gqa=gqa)
+        if mask is None:  # causal over T new tokens that are all the keys; a single new token sees every key
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -98,8 +98,8 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # may come back in the kernels' narrower dtype
+        return self.down_proj(F.silu(gate.to(x.dtype)) * up)  # SiLU in the activations' dtype
 
 
 class DecoderLayer(nn.Module):
@@ -177,7 +177,8 @@ class Llama(nn.Module):
                     raise ValueError(f"position {span - 1} is beyond the cache length {cache.max_seq_len}")
             # A key at position j is visible to a query at position p iff j <= p (stale slots are masked out).
             # One new token at a position shared by all rows sees every key up to it: no mask needed.
-            if T > 1 or start is None or getattr(cache, "static", False):
+            # Likewise a prompt written from position 0: plain causal attention over its own T keys.
+            if getattr(cache, "static", False) or start is None or (T > 1 and start != 0):
                 mask = (torch.arange(span, device=dev)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
         step = Step(cos, sin, cache, rows, positions, mask, span, start)

@@ -89,6 +89,7 @@ class Int4Linear(nn.Module):
         # [K/32, N, 2]: the layout the kernel reads.
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(act_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+        self.out_dtype = None  # None: the input's dtype; ACT_DTYPE keeps the kernel's output (see quantize_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -96,7 +97,7 @@ class Int4Linear(nn.Module):
                                                        self.packed, GROUP, self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        return y.view(*shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
@@ -113,6 +114,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.to(act_dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(act_dtype))
+        self.out_dtype = None  # as Int4Linear.out_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -123,7 +125,7 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        return y.view(*shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -208,7 +210,7 @@ def int4_from_gguf(gf, name: str):
     return int4_from_float(gf.dequantize(name, torch.float32))
 
 
-def int8_from_gguf(gf, name: str, rows_per_chunk: int = 4096):
+def int8_from_gguf(gf, name: str, rows_per_chunk: int = 1024):
     """(q int8 [N,K], scale [N]); Q8_0 is decoded in row chunks so no full float32 copy is ever held."""
     info = gf.tensors[name]
     if info.ggml_type != _GGML_Q8_0:
@@ -252,6 +254,10 @@ def quantize_model(model, quant, gguf=None, *, device="cpu"):
         attn.o_proj = _packed(quant, [get(attn, "self_attn", "o_proj")], attn, ("o_proj",))
         mlp.gate_up_proj = _packed(quant, [get(mlp, "mlp", n) for n in _GATE_UP], mlp, _GATE_UP)
         mlp.down_proj = _packed(quant, [get(mlp, "mlp", "down_proj")], mlp, ("down_proj",))
+        # gate/up and down hand back the kernels' bf16: no float32 copy of the widest activation,
+        # [tokens, 2 x intermediate], which sets the memory peak of a long prefill (SiLU itself stays float32,
+        # see MLP.forward; the residual add widens down_proj's output).
+        mlp.gate_up_proj.out_dtype = mlp.down_proj.out_dtype = ACT_DTYPE
         for n in _QKV:
             delattr(attn, n)
         for n in _GATE_UP:
