@@ -60,8 +60,11 @@ class LlamaforgeRunner:
         self.cache = self.model.new_cache(1, N_CTX)
 
     def prefill(self, ids):
-        with self.torch.inference_mode():
-            logits = self.model(self.torch.tensor([ids]), cache=self.cache, input_pos=0, last_only=True)
+        from llamaforge.generate.engine import DEFAULT_PREFILL_CHUNK as chunk
+        with self.torch.inference_mode():  # in the engine's chunks, as `run` and `serve` do
+            for s in range(0, len(ids), chunk):
+                logits = self.model(self.torch.tensor([ids[s:s + chunk]]), cache=self.cache, input_pos=s,
+                                    last_only=True)
         self.pos = len(ids)
         return int(logits[0, -1].argmax())
 

@@ -24,7 +24,9 @@ from ..model import aot
 from .sampling import LogitsProcessor, Sampler, SamplingParams
 
 DEFAULT_MAX_SEQ_LEN = 4096
-DEFAULT_PREFILL_CHUNK = 512
+# Prompt tokens per forward: 256 is faster than 512 on CPU (the activations stay in cache; bench/NOTES.md) and
+# lowers the memory peak of a long prompt; each step's budget, so decoding rows wait at most one chunk.
+DEFAULT_PREFILL_CHUNK = 256
 
 
 class TokenEvent(NamedTuple):
