@@ -153,3 +153,34 @@ def test_smollm2_load_peak_memory_near_one_copy(smollm2_gguf):
     file_size = smollm2_gguf.stat().st_size
     # Measured ~1.39x the weights: 1x weights + the mapped file's pages (0.18x) + tokenizer and module overhead.
     assert grown <= weights + file_size + 0.25 * weights, (grown / weights)
+
+
+@pytest.mark.parametrize("variant", ["llama31", "llama32"])
+def test_every_cache_path_gives_the_same_logits(tmp_path, variant):
+    """The model picks cheaper attention set-ups when it can (no mask for a prompt written from position 0 or
+    one token at a shared position; slice writes for an int start); all must equal the general masked path."""
+    ref = make_tiny_hf(variant, seed=5)
+    ref.save_pretrained(tmp_path / "m")
+    model = load_model(tmp_path / "m").model
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = ref(ids).logits[0]
+        full = model(ids)[0]                                           # no cache: causal SDPA
+        c = model.new_cache(1, 32)
+        from_zero = model(ids, cache=c, input_pos=0)[0]                # cache, start 0: causal, no mask
+        c = model.new_cache(1, 32)
+        chunks = torch.cat([model(ids[:, s:s + 7], cache=c, input_pos=s)[0] for s in range(0, 20, 7)])
+        c = model.new_cache(1, 32)
+        model(ids[:, :12], cache=c, input_pos=0)
+        steps = torch.cat([model(ids[:, i:i + 1], cache=c, input_pos=i)[0] for i in range(12, 20)])
+        c = model.new_cache(3, 32)                                     # per-row positions: gather/scatter
+        rows = torch.tensor([2])
+        model(ids[:, :12], cache=c, input_pos=torch.tensor([0]), rows=rows)
+        tensor_pos = torch.cat([model(ids[:, i:i + 1], cache=c, input_pos=torch.tensor([i]), rows=rows)[0]
+                                for i in range(12, 20)])
+    for name, got in (("full", full), ("from_zero", from_zero), ("chunks", chunks)):
+        assert (got - want).abs().max() <= 1e-4, name
+    assert (steps - want[12:]).abs().max() <= 1e-4
+    assert (tensor_pos - want[12:]).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="beyond the cache length"):
+        model(ids[:, :1], cache=model.new_cache(1, 8), input_pos=8)
