@@ -232,3 +232,20 @@ def test_build_errors_are_named(lm, tmp_path):
     with pytest.raises(CompileError, match="no cache here"):
         aot.build(NotALlama(), tmp_path / "x.pt2")
     assert not list(tmp_path.iterdir())
+
+
+def test_old_artifacts_are_pruned(tmp_path):
+    folder = tmp_path / "compiled"
+    folder.mkdir()
+    files = []
+    for i in range(aot.KEEP_ARTIFACTS + 3):
+        f = folder / f"decode-{i:04d}.pt2"
+        f.write_bytes(b"x")
+        os.utime(f, (1000 + i, 1000 + i))
+        files.append(f)
+    (folder / "decode-0000.log").write_text("old build log")
+    keep = files[0]  # the one just built, even if its mtime is old
+    aot._prune(folder, keep=keep)
+    left = sorted(p.name for p in folder.glob("decode-*.pt2"))
+    assert len(left) == aot.KEEP_ARTIFACTS and keep.name in left
+    assert files[-1].name in left and files[1].name not in left

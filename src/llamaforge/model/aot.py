@@ -32,6 +32,7 @@ from .kv_cache import KVCache
 
 FORMAT_VERSION = 2            # bump when artifacts must be rebuilt for a reason outside model/*.py
 _LOCK_STALE_S = 3600          # a build lock older than this (or whose process is gone) is ignored
+KEEP_ARTIFACTS = 8            # compiled steps kept per store (least recently used ones go first)
 _POLL_S = 2.0                 # how often a process waiting for a background build looks for the artifact
 
 
@@ -130,6 +131,7 @@ def build(model: nn.Module, out: Path, *, max_len: int = 64) -> Path:
             exported = export(step, example, dynamic_shapes=dynamic)
             aoti_compile_and_package(exported, package_path=str(tmp))
         os.replace(tmp, out)
+        _prune(out.parent, keep=out)
     except Exception as e:  # export/inductor raise many types; the caller needs "it did not work, and why"
         raise CompileError(f"compiling the decode step failed: {type(e).__name__}: {e}") from e
     finally:
@@ -215,10 +217,19 @@ def decode_one(lm, token: int, cache: KVCache, pos: int, row: int = 0) -> torch.
                     last_only=True)[0, -1]
 
 
+def _prune(folder: Path, keep: Path, max_files: int = KEEP_ARTIFACTS) -> None:
+    """Drop the least recently used artifacts beyond `max_files` (each is a few MB; code updates orphan them)."""
+    found = sorted(folder.glob("decode-*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in found if p != keep][max_files - 1:]:
+        for f in (old, old.with_suffix(".log"), old.with_suffix(".lock")):
+            f.unlink(missing_ok=True)
+
+
 def _open(model, path: Path) -> CompiledDecoder | None:
     try:
+        os.utime(path)  # "recently used", for _prune
         return CompiledDecoder(model, path)
-    except RuntimeError:  # a corrupt or foreign artifact: drop it, the eager path is always there
+    except (RuntimeError, OSError):  # corrupt, foreign or unreadable: drop it, the eager path is always there
         path.unlink(missing_ok=True)
         return None
 
