@@ -95,7 +95,8 @@ def signature(model: nn.Module, kv_dtype: torch.dtype) -> dict:
         "torch": torch.__version__,
         "cpu": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),  # inductor bakes the OpenMP thread count into its loops
-        "config": {k: v for k, v in sorted(vars(model.config).items()) if isinstance(v, (int, float, str, bool))},
+        "config": {k: v for k, v in sorted(vars(model.config).items())
+                   if isinstance(v, (int, float, str, bool)) and k != "name"},
         "rope": [round(float(x), 9) for x in model.inv_freq("cpu")[:4]],
         "quant": getattr(model, "_quant", None) or "none",
         "kv_dtype": str(kv_dtype),
