@@ -249,3 +249,32 @@ def test_old_artifacts_are_pruned(tmp_path):
     left = sorted(p.name for p in folder.glob("decode-*.pt2"))
     assert len(left) == aot.KEEP_ARTIFACTS and keep.name in left
     assert files[-1].name in left and files[1].name not in left
+
+
+def test_a_failed_build_is_not_retried_in_the_background(lm, smollm2_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMAFORGE_HOME", str(tmp_path))
+    started = []
+    monkeypatch.setattr(aot.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    path = aot.artifact_path(lm.model, lm.model.kv_dtype)
+    path.parent.mkdir(parents=True)
+    path.with_suffix(".failed").write_text("CompileError: no compiler\n")
+    assert llamaforge.load(str(smollm2_gguf)).compiled is None
+    assert started == []
+
+
+def test_build_process_entry_point(lm, smollm2_gguf, tmp_path):
+    env = dict(os.environ, LLAMAFORGE_HOME=str(tmp_path))
+    cached = subprocess.run([sys.executable, "-m", "llamaforge.model.aot", str(smollm2_gguf), "--out",
+                             lm.compiled.path], capture_output=True, text=True, env=env, timeout=120)
+    assert cached.returncode == 0 and "(cached)" in cached.stdout
+    out = tmp_path / "compiled" / "decode-x.pt2"
+    out.parent.mkdir()
+    lock = tmp_path / "compiled" / "decode-x.lock"
+    lock.write_text("1")
+    bad = subprocess.run([sys.executable, "-m", "llamaforge.model.aot", str(tmp_path / "missing.gguf"), "--out",
+                          str(out), "--lock", str(lock), "--nice", "5"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert not lock.exists()                               # released even on failure
+    assert out.with_suffix(".failed").read_text().strip()  # and remembered, so it is not retried at once
+

@@ -33,6 +33,7 @@ from .kv_cache import KVCache
 FORMAT_VERSION = 2            # bump when artifacts must be rebuilt for a reason outside model/*.py
 _LOCK_STALE_S = 3600          # a build lock older than this (or whose process is gone) is ignored
 KEEP_ARTIFACTS = 8            # compiled steps kept per store (least recently used ones go first)
+_RETRY_FAILED_S = 86400       # a failed background build is not retried for a day
 _POLL_S = 2.0                 # how often a process waiting for a background build looks for the artifact
 
 
@@ -178,7 +179,7 @@ def attach(lm, *, build_missing: bool | str = "background") -> CompiledDecoder |
     False never builds. LLAMAFORGE_COMPILE=0 disables compiled decoding altogether.
     """
     lm.compiled, lm._compiled_pending = None, None
-    if os.environ.get("LLAMAFORGE_COMPILE", "1") == "0":
+    if os.environ.get("LLAMAFORGE_COMPILE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     model = lm.model
     if next(model.parameters()).device.type != "cpu" or model.training:
@@ -187,7 +188,8 @@ def attach(lm, *, build_missing: bool | str = "background") -> CompiledDecoder |
     if not path.exists():
         if build_missing is True:
             build(model, path)
-        elif build_missing == "background" and lm.path is not None and not (lm.defaults or {}).get("adapter"):
+        elif (build_missing == "background" and lm.path is not None and not (lm.defaults or {}).get("adapter")
+              and not _failed_recently(path)):
             _start_background_build(lm, path)
             lm._compiled_pending = [path, time.monotonic() + _POLL_S]
             return None
@@ -235,6 +237,15 @@ def _open(model, path: Path) -> CompiledDecoder | None:
         return None
 
 
+def _failed_recently(path: Path) -> bool:
+    """A build that failed in the last day is not retried in the background (`llamaforge compile` still can)."""
+    marker = path.with_suffix(".failed")
+    try:
+        return time.time() - marker.stat().st_mtime < _RETRY_FAILED_S
+    except FileNotFoundError:
+        return False
+
+
 def _start_background_build(lm, path: Path) -> None:
     lock = path.with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,10 +263,10 @@ def _start_background_build(lm, path: Path) -> None:
         return
     quant = lm.metadata.get("quant") or "none"
     cmd = [sys.executable, "-m", "llamaforge.model.aot", str(lm.path), "--quant", quant,
-           "--threads", str(torch.get_num_threads()), "--out", str(path), "--lock", str(lock)]
-    log = open(path.with_suffix(".log"), "ab")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                            preexec_fn=lambda: os.nice(10))
+           "--threads", str(torch.get_num_threads()), "--out", str(path), "--lock", str(lock), "--nice", "10"]
+    log = open(path.with_suffix(".log"), "wb")
+    # No preexec_fn (unsafe in threaded servers): the child lowers its own priority.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     log.close()
     os.write(fd, str(proc.pid).encode())
     os.close(fd)
@@ -283,22 +294,29 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--lock", default=None)
     ap.add_argument("--force", action="store_true", help="rebuild even when the artifact is cached")
+    ap.add_argument("--nice", type=int, default=0, help="lower this process's priority by this much")
     a = ap.parse_args(argv)
+    out = Path(a.out) if a.out else None
     try:
+        if a.nice:
+            os.nice(a.nice)
         if a.threads:
             torch.set_num_threads(a.threads)
         from ..api import load
         t0 = time.perf_counter()
         lm = load(a.model, quant=a.quant, compile=False)
-        out = Path(a.out) if a.out else artifact_path(lm.model, lm.model.kv_dtype or torch.float32)
+        out = out or artifact_path(lm.model, lm.model.kv_dtype or torch.float32)
         if out.exists() and not a.force:
             print(f"compiled decode step: {out} (cached)")
             return 0
         build(lm.model, out)
+        out.with_suffix(".failed").unlink(missing_ok=True)
         print(f"compiled decode step -> {out} ({time.perf_counter() - t0:.0f} s)")
         return 0
     except LlamaforgeError as e:
         print(f"error: {e}", file=sys.stderr)
+        if out is not None:
+            out.with_suffix(".failed").write_text(f"{e}\n", encoding="utf-8")
         return 1
     finally:
         if a.lock:
