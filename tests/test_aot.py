@@ -272,7 +272,7 @@ def test_build_process_entry_point(lm, smollm2_gguf, tmp_path):
     lock = tmp_path / "compiled" / "decode-x.lock"
     lock.write_text("1")
     bad = subprocess.run([sys.executable, "-m", "llamaforge.model.aot", str(tmp_path / "missing.gguf"), "--out",
-                          str(out), "--lock", str(lock), "--nice", "5"], capture_output=True, text=True, env=env,
+                          str(out), "--lock", str(lock), "--idle"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
     assert not lock.exists()                               # released even on failure
