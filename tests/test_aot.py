@@ -278,3 +278,44 @@ def test_build_process_entry_point(lm, smollm2_gguf, tmp_path):
     assert not lock.exists()                               # released even on failure
     assert out.with_suffix(".failed").read_text().strip()  # and remembered, so it is not retried at once
 
+
+
+@torch.inference_mode()
+def test_batched_step_matches_the_eager_batch(lm):
+    """Several requests in their own rows at their own positions: the server's continuous batch."""
+    assert lm.compiled.batch is not None and lm.compiled._batch_runner is not None
+    prompts = [lm.tokenizer.encode(p) for p in PROMPTS]
+    rows = [2, 0, 3]
+    c_eager, c_aot = lm.model.new_cache(4, 96), lm.model.new_cache(4, 96)
+    for c in (c_eager, c_aot):
+        for row, ids in zip(rows, prompts):
+            _prefill(lm, ids, c, row=row)
+    untouched = c_aot.k[5][1].clone()
+    tokens, positions = [11, 22, 33], [len(p) for p in prompts]
+    for step in range(3):
+        want = lm.model(torch.tensor(tokens)[:, None], cache=c_eager, input_pos=torch.tensor(positions),
+                        rows=torch.tensor(rows), last_only=True)[:, -1]
+        got = aot.decode_batch(lm, tokens, c_aot, positions, rows)
+        assert got.shape == (3, lm.config.vocab_size)
+        assert ((want - got).abs().amax(-1) < 0.05 * want.abs().amax(-1)).all()
+        assert torch.equal(want.argmax(-1), got.argmax(-1))
+        tokens, positions = want.argmax(-1).tolist(), [p + 1 for p in positions]
+    assert torch.equal(c_aot.k[5][1], untouched)  # row 1 holds no request: never written
+    with pytest.raises(ValueError, match="distinct row"):
+        lm.compiled.batch([1, 2], c_aot, [5, 6], [0, 0])
+    with pytest.raises(ValueError, match="positions must be"):
+        lm.compiled.batch([1, 2], c_aot, [5, 96], [0, 1])
+
+
+@torch.inference_mode()
+def test_the_engine_decodes_a_full_batch_through_the_compiled_step(lm, monkeypatch):
+    calls = []
+    real = aot.decode_batch
+    monkeypatch.setattr(aot, "decode_batch", lambda *a: calls.append(len(a[1])) or real(*a))
+    engine = BatchEngine(lm, max_batch=3, max_seq_len=128)
+    reqs = [engine.add(lm.tokenizer.encode(p), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+            for p in PROMPTS]
+    while engine.has_work():
+        engine.step()
+    assert all(len(r.output_ids) == 12 and r.finish_reason == "length" for r in reqs)
+    assert 3 in calls

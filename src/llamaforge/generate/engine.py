@@ -352,12 +352,19 @@ class BatchEngine:
         if not batch:
             return
         batch.sort(key=lambda r: r.row)
-        if len(batch) == 1 and aot.current(self.lm) is not None:  # one stream: the AOT-compiled step
-            req = batch[0]
-            logits = aot.decode_one(self.lm, req._next_token, self.cache, req.pos, req.row)[None].float()
-            req.pos += 1
-            self.cache.lengths[req.row] = req.pos
-            self._emit(req, logits[0], events)
+        logits = None
+        if aot.current(self.lm) is not None:  # the AOT-compiled steps (model/aot.py) when they are built
+            if len(batch) == 1:
+                req = batch[0]
+                logits = aot.decode_one(self.lm, req._next_token, self.cache, req.pos, req.row)[None]
+            else:
+                logits = aot.decode_batch(self.lm, [r._next_token for r in batch], self.cache,
+                                          [r.pos for r in batch], [r.row for r in batch])
+        if logits is not None:
+            for i, req in enumerate(batch):
+                req.pos += 1
+                self.cache.lengths[req.row] = req.pos
+                self._emit(req, logits[i], events)
             return
         ids = torch.tensor([[r._next_token] for r in batch], dtype=torch.long, device=self.device)
         pos = torch.tensor([r.pos for r in batch], dtype=torch.long, device=self.device)

@@ -63,6 +63,29 @@ class _DecodeStep(nn.Module):
         return logits[:, -1].float()
 
 
+class _BatchDecodeStep(_DecodeStep):
+    """forward(tokens [B, 1], positions [B], rows [B], span [S], *caches, *weights) -> logits [B, vocab] float32.
+
+    One new token for each of B requests, each at its own position in its own cache row (the server's
+    continuous batch); S = the furthest position + 1. The caches are the full [slots, n_kv, max_len, D] tensors.
+    """
+
+    def forward(self, tokens, positions, rows, span, *tensors):
+        n_layers = self.model.config.num_hidden_layers
+        kv, weights = tensors[:2 * n_layers], tensors[2 * n_layers:]
+        torch._check(span.shape[0] <= kv[0].shape[2])
+        cache = KVCache.wrap(list(kv[0::2]), list(kv[1::2]))
+        params = {name: weights[i] for name, i in zip(self.names, self.index)}
+        logits = torch.func.functional_call(self.model, params, (tokens,), {
+            "cache": cache, "input_pos": positions, "rows": rows, "last_only": True, "span": span.shape[0]})
+        return logits[:, -1].float()
+
+
+def batch_path(path: Path) -> Path:
+    """Where the batched step of the artifact at `path` lives (built together, batched one first)."""
+    return path.with_name(f"{path.stem}-batch.pt2")
+
+
 def _weight_slots(model: nn.Module):
     """Every parameter and buffer by name, with shared tensors (a tied embedding / head) passed once."""
     names, index, weights, seen = [], [], [], {}
@@ -113,37 +136,52 @@ def artifact_path(model: nn.Module, kv_dtype: torch.dtype) -> Path:
 
 
 def build(model: nn.Module, out: Path, *, max_len: int = 64) -> Path:
-    """Export and compile the decode step of `model` into `out` (written atomically). Slow: 30-120 s."""
+    """Export and compile the decode steps of `model`: one stream into `out`, a batch beside it (`batch_path`).
+    Both are written atomically, the batched one first, so `out` existing means both are there. Slow: ~2 min."""
     if next(model.parameters()).device.type != "cpu":
         raise CompileError("the compiled decode step is built for CPU models only")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from torch.export import Dim  # imported here: the serving process never needs it
+        model.inv_freq("cpu")  # computed before tracing, so it is a constant of the step and not traced state
+        cache = model.new_cache(4, max_len)
+        kv = [t for pair in zip(cache.k, cache.v) for t in pair]
+        S, M = Dim("span", min=2, max=1 << 20), Dim("cache_len", min=3, max=1 << 20)
+        B, R = Dim("batch", min=2, max=1 << 10), Dim("slots", min=2, max=1 << 12)
+        step = _BatchDecodeStep(model).eval()
+        example = (torch.zeros(3, 1, dtype=torch.long), torch.tensor([5, 9, 7]), torch.tensor([0, 2, 3]),
+                   torch.empty(17, dtype=torch.uint8), *kv, *step.weights)
+        dynamic = ({0: B}, {0: B}, {0: B}, {0: S}, (*[{0: R, 2: M}] * len(kv), *[None] * len(step.weights)))
+        _export_compile(step, example, dynamic, batch_path(out))
+        kv = [t[:1] for t in kv]
+        step = _DecodeStep(model).eval()
+        example = (torch.zeros(1, 1, dtype=torch.long), torch.empty(17, dtype=torch.uint8), *kv, *step.weights)
+        dynamic = (None, {0: S}, (*[{2: M}] * len(kv), *[None] * len(step.weights)))
+        _export_compile(step, example, dynamic, out)
+        _prune(out.parent, keep=out)
+    except Exception as e:  # export/inductor raise many types; the caller needs "it did not work, and why"
+        raise CompileError(f"compiling the decode step failed: {type(e).__name__}: {e}") from e
+    return out
+
+
+def _export_compile(step: nn.Module, example: tuple, dynamic: tuple, out: Path) -> None:
+    from torch._inductor import aoti_compile_and_package
+    from torch.export import export
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.pt2")
     try:
-        from torch.export import Dim, export  # imported here: the serving process never needs them
-        from torch._inductor import aoti_compile_and_package
-        model.inv_freq("cpu")  # computed before tracing, so it is a constant of the step and not traced state
-        step = _DecodeStep(model).eval()
-        cache = model.new_cache(1, max_len)
-        kv = [t for pair in zip(cache.k, cache.v) for t in pair]
-        example = (torch.zeros(1, 1, dtype=torch.long), torch.empty(17, dtype=torch.uint8), *kv, *step.weights)
-        S, M = Dim("span", min=2, max=1 << 20), Dim("cache_len", min=3, max=1 << 20)
-        dynamic = (None, {0: S}, (*[{2: M}] * len(kv), *[None] * len(step.weights)))
         with torch.inference_mode(False), torch.no_grad():
             exported = export(step, example, dynamic_shapes=dynamic)
             aoti_compile_and_package(exported, package_path=str(tmp))
         os.replace(tmp, out)
-        _prune(out.parent, keep=out)
-    except Exception as e:  # export/inductor raise many types; the caller needs "it did not work, and why"
-        raise CompileError(f"compiling the decode step failed: {type(e).__name__}: {e}") from e
     finally:
         tmp.unlink(missing_ok=True)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- running
 class CompiledDecoder:
-    """Runs the compiled step on one row of a cache: `step(token_id, cache, pos, row)` -> logits [vocab] float32."""
+    """Runs the compiled steps: `step(token_id, cache, pos, row)` -> logits [vocab] float32 for one stream, and
+    `step.batch(token_ids, cache, positions, rows)` -> logits [B, vocab] for several (None if not built)."""
 
     def __init__(self, model: nn.Module, path: Path):
         self.path = Path(path)
@@ -151,13 +189,22 @@ class CompiledDecoder:
         self.weights = _weight_slots(model)[2]
         # The C++ runner directly: `torch._inductor.aoti_load_package` would import inductor's Python side.
         self._runner = torch._C._aoti.AOTIModelPackageLoader(str(self.path), "model", False, 1, -1)
+        batch = batch_path(self.path)
+        self._batch_runner = (torch._C._aoti.AOTIModelPackageLoader(str(batch), "model", False, 1, -1)
+                              if batch.exists() else None)
         self._token = torch.zeros(1, 1, dtype=torch.long)
         self._span = torch.empty(1024, dtype=torch.uint8)
         self._key, self._tail = None, []
+        self._batch_key, self._batch_tail = None, []
 
     def supports(self, cache: KVCache) -> bool:
         return (not cache.static and cache.dtype == self.kv_dtype and cache.k[0].device.type == "cpu"
                 and cache.k[0].is_contiguous())
+
+    def _span_of(self, n: int) -> torch.Tensor:
+        if self._span.numel() < n:
+            self._span = torch.empty(2 * n, dtype=torch.uint8)
+        return self._span[:n]
 
     def __call__(self, token: int, cache: KVCache, pos: int, row: int = 0) -> torch.Tensor:
         if not 1 <= pos < cache.max_seq_len:
@@ -165,10 +212,24 @@ class CompiledDecoder:
         if self._key != (id(cache), row):  # the row's slice of each layer's cache, then the weights
             self._tail = [t[row:row + 1] for pair in zip(cache.k, cache.v) for t in pair] + self.weights
             self._key = (id(cache), row)
-        if self._span.numel() < pos + 1:
-            self._span = torch.empty(2 * (pos + 1), dtype=torch.uint8)
         self._token.fill_(token)
-        return self._runner.run([self._token, self._span[:pos + 1], *self._tail])[0][0]
+        return self._runner.run([self._token, self._span_of(pos + 1), *self._tail])[0][0]
+
+    def batch(self, tokens: list[int], cache: KVCache, positions: list[int], rows: list[int]) -> torch.Tensor | None:
+        if self._batch_runner is None or len(tokens) < 2:
+            return None
+        if not (len(tokens) == len(positions) == len(rows)) or len(set(rows)) != len(rows):
+            raise ValueError("tokens, positions and rows must have one distinct row per token")
+        top = max(positions)
+        if min(positions) < 1 or top >= cache.max_seq_len or min(rows) < 0 or max(rows) >= cache.batch_size:
+            raise ValueError(f"positions must be in 1..{cache.max_seq_len - 1} and rows in "
+                             f"0..{cache.batch_size - 1}")
+        if self._batch_key != id(cache):
+            self._batch_tail = [t for pair in zip(cache.k, cache.v) for t in pair] + self.weights
+            self._batch_key = id(cache)
+        ins = [torch.tensor(tokens, dtype=torch.long)[:, None], torch.tensor(positions, dtype=torch.long),
+               torch.tensor(rows, dtype=torch.long), self._span_of(top + 1)]
+        return self._batch_runner.run(ins + self._batch_tail)[0]
 
 
 def attach(lm, *, build_missing: bool | str = "background") -> CompiledDecoder | None:
@@ -222,10 +283,21 @@ def decode_one(lm, token: int, cache: KVCache, pos: int, row: int = 0) -> torch.
 
 def _prune(folder: Path, keep: Path, max_files: int = KEEP_ARTIFACTS) -> None:
     """Drop the least recently used artifacts beyond `max_files` (each is a few MB; code updates orphan them)."""
-    found = sorted(folder.glob("decode-*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = sorted((p for p in folder.glob("decode-*.pt2") if not p.stem.endswith("-batch")),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
     for old in [p for p in found if p != keep][max_files - 1:]:
-        for f in (old, old.with_suffix(".log"), old.with_suffix(".lock")):
+        for f in (old, batch_path(old), old.with_suffix(".log"), old.with_suffix(".lock"),
+                  old.with_suffix(".failed")):
             f.unlink(missing_ok=True)
+
+
+def decode_batch(lm, tokens: list[int], cache: KVCache, positions: list[int], rows: list[int]):
+    """Logits [B, vocab] for one new token in each of several cache rows through the compiled batched step, or
+    None when it is not available (the caller then runs the eager batched forward)."""
+    step = current(lm)
+    if step is None or not step.supports(cache):
+        return None
+    return step.batch(tokens, cache, positions, rows)
 
 
 def _open(model, path: Path) -> CompiledDecoder | None:

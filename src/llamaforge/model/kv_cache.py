@@ -34,7 +34,7 @@ class KVCache:
         cache = cls.__new__(cls)
         cache.static, cache.k, cache.v = False, k, v
         cache.batch_size, cache.max_seq_len = k[0].shape[0], k[0].shape[2]
-        cache.lengths = [0] * cache.batch_size
+        cache.lengths = []  # not tracked: a wrapped cache belongs to its caller (and its row count may be symbolic)
         return cache
 
     @property

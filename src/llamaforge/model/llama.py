@@ -155,11 +155,14 @@ class Llama(nn.Module):
                        dtype=dtype or self.kv_dtype or _activation_dtype(p), device=p.device, static=static)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      input_pos: int | torch.Tensor | None = None, rows: torch.Tensor | None = None):
+                      input_pos: int | torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                      span: int | None = None):
         """Final-norm hidden states [B, T, C].
 
         input_pos: absolute position of input_ids[:, 0]; an int for all rows or a LongTensor [B] per row.
         rows: which cache rows the batch rows map to (default 0..B-1).
+        span: with per-row positions, how many cache positions to attend (default: the furthest position + 1,
+            read back from the tensor).
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -167,21 +170,23 @@ class Llama(nn.Module):
         ar = torch.arange(T, device=dev)
         start = 0 if input_pos is None else input_pos if isinstance(input_pos, (int, torch.SymInt)) else None
         positions = (ar + start).expand(B, T) if start is not None else input_pos.to(dev)[:, None] + ar  # [B, T]
-        mask, span = None, T
+        mask, keys = None, T
         if cache is not None:
             if getattr(cache, "static", False):
-                span = cache.max_seq_len  # fixed shapes, no sync; the mask hides the unused slots
-            else:
-                span = start + T if start is not None else int(positions.max()) + 1
-                if isinstance(span, int) and span > cache.max_seq_len:  # (a traced size is checked by the tracer)
-                    raise ValueError(f"position {span - 1} is beyond the cache length {cache.max_seq_len}")
+                keys = cache.max_seq_len  # fixed shapes, no sync; the mask hides the unused slots
+            elif start is not None:
+                keys = start + T
+            else:  # per-row positions: keys up to the furthest one (a traced caller passes it, no read-back)
+                keys = span if span is not None else int(positions.max()) + 1
+            if isinstance(keys, int) and keys > cache.max_seq_len:  # (a traced size is checked by the tracer)
+                raise ValueError(f"position {keys - 1} is beyond the cache length {cache.max_seq_len}")
             # A key at position j is visible to a query at position p iff j <= p (stale slots are masked out).
             # One new token at a position shared by all rows sees every key up to it: no mask needed.
             # Likewise a prompt written from position 0: plain causal attention over its own T keys.
             if getattr(cache, "static", False) or start is None or (T > 1 and start != 0):
-                mask = (torch.arange(span, device=dev)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
+                mask = (torch.arange(keys, device=dev)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
-        step = Step(cos, sin, cache, rows, positions, mask, span, start)
+        step = Step(cos, sin, cache, rows, positions, mask, keys, start)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, step, use_reentrant=False)
@@ -191,8 +196,8 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 input_pos: int | torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        h = self.hidden_states(input_ids, cache, input_pos, rows)
+                last_only: bool = False, span: int | None = None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, cache, input_pos, rows, span)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
