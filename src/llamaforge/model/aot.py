@@ -324,7 +324,8 @@ def _start_background_build(lm, path: Path) -> None:
     try:
         st = lock.stat()
         pid = int(lock.read_text() or 0)
-        if time.time() - st.st_mtime < _LOCK_STALE_S and _alive(pid):
+        from ..store import _pid_alive
+        if time.time() - st.st_mtime < _LOCK_STALE_S and pid > 0 and _pid_alive(pid):
             return  # someone is building it already
         lock.unlink(missing_ok=True)
     except (FileNotFoundError, ValueError):
@@ -355,18 +356,6 @@ def _idle_priority() -> None:
             os.nice(19)
         except OSError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv=None) -> int:
