@@ -12,6 +12,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import time
 
 DEFAULT_MODEL = "smollm2"
@@ -288,6 +289,10 @@ def repl(session: ChatSession) -> int:
     print("Type /? for help, /bye to exit.", file=sys.stderr)
     try:
         while True:
+            # Ctrl-C at the prompt must raise KeyboardInterrupt, whatever this process inherited (a parent that
+            # ignores SIGINT passes SIG_IGN on, and Python then installs no handler) or an answer left behind.
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 text = read_message()
             except EOFError:
