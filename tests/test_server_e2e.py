@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from llamaforge.server.app import ServerConfig, create_app, make_server
-from llamaforge.server.json_mode import JsonPrefix
+from llamaforge.generate.constraints.json_object import JsonPrefix
 
 KEY = "test-key-123"
 CTX = 256

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llamaforge.server.json_mode import JsonPrefix
+from llamaforge.generate.constraints.json_object import JsonPrefix
 from llamaforge.server.metrics import Metrics
 from llamaforge.server.schemas import (ApiError, OllamaGenerateRequest, OpenAIChatRequest, check_float,
                                        check_max_tokens, check_top_p, parse_body, parse_keep_alive)

@@ -90,25 +90,26 @@ class ChatSession:
     def _prepare(self, text: str):
         """Token ids + params for the next answer, dropping the oldest turns if the context is too small."""
         from ..errors import ContextLengthError
-        from ..generate.api import prepare_chat
+        from ..generate.api import build_request
+        from ..generate.pipeline import plan
         while True:
             try:
-                ids, params = prepare_chat(self.lm, self.messages_for(text), self._sampling())
+                p = plan(self.lm, build_request(messages=self.messages_for(text), **self._sampling()))
             except ContextLengthError:
                 if not self.history:
                     raise
-                ids = None
-            if ids is not None and (len(ids) + min(ANSWER_ROOM, params.max_tokens) <= self.context
-                                    or not self.history):
-                return ids, params
+                p = None
+            if p is not None and (len(p.prompt_ids) + min(ANSWER_ROOM, p.params.max_tokens) <= self.context
+                                  or not self.history):
+                return p
             del self.history[:2]  # the oldest user/assistant pair
 
     def answer(self, text: str, *, interruptible: bool) -> bool:
         """Stream an answer to `text`. Returns False when interrupted with Ctrl-C (the turn is forgotten)."""
         from ..generate.api import TokenStream
-        ids, params = self._prepare(text)
+        p = self._prepare(text)
         t0 = time.perf_counter()
-        s = TokenStream(self.lm, ids, params, None)
+        s = TokenStream(self.lm, p)
         interrupted = {"flag": False}
         old = None
         if interruptible:

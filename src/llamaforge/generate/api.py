@@ -22,12 +22,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..errors import ContextLengthError, InvalidRequestError, TokenizerError
+from ..errors import InvalidRequestError
 from .engine import BatchEngine, Request, TokenEvent, context_length
-from .sampling import LogitsProcessor, SamplingParams, params_from_options
+from .pipeline import Plan, plan
+from .request import Constraint, GenerationRequest, Guards, Retrieval, Tool
+from .sampling import LogitsProcessor, SamplingParams
+from .stage import Stage
 
 # Single-request engines are sized to the request (rounded up) rather than the whole context, and reused.
 _CACHE_ROUND = 256
+DEFAULT_MAX_TOKENS = SamplingParams.max_tokens  # a Python call without max_tokens generates at most this many
 _engine_lock = threading.Lock()
 
 
@@ -43,6 +47,9 @@ class Completion:
     logprobs: per generated token (id, logprob, top_logprobs) when `logprobs=` was given, else None.
     timings: {"prompt_seconds", "decode_seconds"} (prefill until the first token, then the rest).
     cached_tokens: prompt tokens whose keys/values were reused from the previous call (a chat's earlier turns).
+    tool_calls: [{"id", "type": "function", "function": {"name", "arguments"}}] when the model called tools
+    (finish_reason "tool_calls"). citations: passages a retrieval stage grounded the answer in. extra: other
+    stage findings (guard verdicts, code-scan findings).
     """
 
     text: str
@@ -52,44 +59,70 @@ class Completion:
     logprobs: list[tuple[int, float, list[tuple[int, float]] | None]] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     cached_tokens: int = 0
+    tool_calls: list[dict] = field(default_factory=list)
+    citations: list[dict] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TokenStream:
     """Iterator of `TokenEvent`s for one request (what `stream()` returns).
 
-    After the last event, `completion` holds the full `Completion`. Breaking out of the loop early and calling
-    `close()` (or letting the stream be garbage-collected) cancels the request.
+    Events carry the text after the seam's output stages (held-back text comes out later, tool-call text never
+    as text). After the last event, `completion` holds the full `Completion`. Breaking out of the loop early and
+    calling `close()` (or letting the stream be garbage-collected) cancels the request.
     """
 
-    def __init__(self, lm, prompt_ids: list[int], params: SamplingParams,
-                 processors: Iterable[LogitsProcessor] | None):
+    def __init__(self, lm, plan: Plan):
         self._lm = lm
         self._closed = True  # until the request is queued, there is nothing to close
-        self._engine = _checkout_engine(lm, len(prompt_ids) + params.max_tokens)
-        try:
-            self.request: Request = self._engine.add(prompt_ids, params, processors)
-        except BaseException:
-            _return_engine(lm, self._engine)
-            raise
+        self.plan = plan
+        self.request: Request | None = None
         self.completion: Completion | None = None
         # Set from anywhere (a signal handler included) to stop at the next step boundary, mid-prefill too.
         self.stop_requested = False
-        self._logprobs: list | None = [] if params.logprobs is not None else None
+        self._output = plan.output()
+        self._logprobs: list | None = [] if plan.params.logprobs is not None else None
+        if plan.refusal is not None:
+            return
+        self._engine = _checkout_engine(lm, len(plan.prompt_ids) + plan.params.max_tokens)
+        try:
+            self.request = self._engine.add(plan.prompt_ids, plan.params, plan.processors())
+        except BaseException:
+            _return_engine(lm, self._engine)
+            raise
         self._closed = False
 
     def __iter__(self) -> Iterator[TokenEvent]:
+        if self.plan.refusal is not None:
+            yield from self._refused()
+            return
         req, engine = self.request, self._engine
         try:
             while not req.done and not self._closed and not self.stop_requested:
                 for r, ev in engine.step():
-                    if r is req:
-                        if self._logprobs is not None:
-                            self._logprobs.append((ev.id, ev.logprob, ev.top_logprobs))
-                        yield ev
-            if req.done and not req.cancelled:
-                self.completion = _completion(req, self._logprobs)
+                    if r is not req:
+                        continue
+                    if self._logprobs is not None:
+                        self._logprobs.append((ev.id, ev.logprob, ev.top_logprobs))
+                    text = "".join(d.text for d in self._output.feed(ev.text))
+                    if ev.finish_reason is not None:
+                        tail, result = self._output.finish(ev.finish_reason)
+                        text += "".join(d.text for d in tail)
+                        self.completion = _completion(req, result, self._logprobs)
+                        ev = ev._replace(finish_reason=result.finish_reason)
+                    yield ev._replace(text=text)
         finally:
             self.close()
+
+    def _refused(self) -> Iterator[TokenEvent]:
+        r = self.plan.refusal
+        _, result = self._output.finish(r.reason)
+        result.text, result.extra = r.text, dict(r.extra, **result.extra)
+        n = len(self.plan.prompt_ids)
+        self.completion = Completion(text=r.text, token_ids=[], finish_reason=r.reason, usage={
+            "prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}, citations=result.citations,
+            extra=result.extra)
+        yield TokenEvent(-1, r.text, 0.0, None, r.reason)
 
     def close(self) -> None:
         """Stop generating (if still running) and give the engine back."""
@@ -108,40 +141,37 @@ class TokenStream:
 
 
 def generate(lm, prompt: str | Sequence[int], *, logits_processors: Iterable[LogitsProcessor] | None = None,
-             **sampling) -> Completion:
+             **kwargs) -> Completion:
     """Complete a raw prompt (no chat template) and return a `Completion`.
 
     prompt: text (encoded with the model's BOS/EOS conventions, special-token text treated as plain text) or a
-    list of token ids used as is.
+    list of token ids used as is. Keyword arguments: sampling fields and the request features listed in the
+    module docstring.
     """
-    s = stream(lm, prompt, logits_processors=logits_processors, **sampling)
+    s = stream(lm, prompt, logits_processors=logits_processors, **kwargs)
     for _ in s:
         pass
     return s.completion
 
 
 def stream(lm, prompt: str | Sequence[int], *, logits_processors: Iterable[LogitsProcessor] | None = None,
-           **sampling) -> TokenStream:
+           **kwargs) -> TokenStream:
     """Like `generate`, but returns a `TokenStream` yielding one `TokenEvent` per token as it is produced.
 
     Joining the events' `text` gives exactly the completion's text. Arguments are validated immediately.
     """
-    ids = encode_prompt(lm, prompt)
-    params = make_params(lm, sampling)
-    _check_context(lm, ids)
-    return TokenStream(lm, ids, params, logits_processors)
+    return TokenStream(lm, _plan(lm, build_request(prompt=prompt, **kwargs), logits_processors))
 
 
 def chat(lm, messages: Sequence[dict], *, stream: bool = False,
-         logits_processors: Iterable[LogitsProcessor] | None = None, **sampling) -> Completion | TokenStream:
+         logits_processors: Iterable[LogitsProcessor] | None = None, **kwargs) -> Completion | TokenStream:
     """Answer a conversation with the model's chat format.
 
-    messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. The model's stored system
-    prompt (from `llamaforge create --system`) is used when the messages have none. The chat format's
+    messages: [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]. The model's stored
+    system prompt (from `llamaforge create --system`) is used when the messages have none. The chat format's
     end-of-turn ids stop generation. Returns a `Completion`, or a `TokenStream` when stream=True.
     """
-    ids, params = prepare_chat(lm, messages, sampling)
-    s = TokenStream(lm, ids, params, logits_processors)
+    s = TokenStream(lm, _plan(lm, build_request(messages=messages, **kwargs), logits_processors))
     if stream:
         return s
     for _ in s:
@@ -150,63 +180,96 @@ def chat(lm, messages: Sequence[dict], *, stream: bool = False,
 
 
 def prepare_chat(lm, messages: Sequence[dict], sampling: dict | None = None) -> tuple[list[int], SamplingParams]:
-    """Token ids of the conversation (with the assistant header) and the SamplingParams to answer it with:
-    model defaults (system prompt, options) applied, chat-format stop ids added. Used by `chat` and the CLI."""
-    from ..tokenizer.chat import chat_format_for
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise InvalidRequestError("messages must be a list of {'role', 'content'} objects", field="messages")
-    messages = list(messages)
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise InvalidRequestError("every message needs a string 'role' and 'content'", field="messages")
-    if not messages:
-        raise InvalidRequestError("messages must not be empty", field="messages")
-    system = (lm.defaults or {}).get("system")
-    if system and not any(m["role"] == "system" for m in messages):
-        messages.insert(0, {"role": "system", "content": system})
-    fmt = chat_format_for(lm.tokenizer, template=(lm.defaults or {}).get("template"))
-    ids = list(fmt.encode(messages, add_generation_prompt=True))
-    params = make_params(lm, dict(sampling or {}))
-    # The format's end-of-turn ids stop the answer (unless ignore_eos asks to run on, as with EOS itself).
-    extra = tuple(i for i in getattr(fmt, "stop_ids", ()) if i not in params.stop_ids)
-    if extra and not params.ignore_eos:
-        params = params.replace(stop_ids=params.stop_ids + tuple(sorted(extra)))
-    _check_context(lm, ids)
-    return ids, params
+    """Token ids of the conversation (with the assistant header) and the SamplingParams to answer it with, as the
+    seam plans them: model defaults (system prompt, options) applied, chat-format stop ids added."""
+    p = plan(lm, build_request(messages=messages, **dict(sampling or {})))
+    return p.prompt_ids, p.params
 
 
-def make_params(lm, sampling: dict) -> SamplingParams:
-    """SamplingParams from the model's stored options overridden by explicit keyword arguments."""
-    opts = params_from_options((getattr(lm, "defaults", None) or {}).get("options") or {})
-    opts.update(sampling)
-    return SamplingParams.from_kwargs(**opts)
+# Python keyword -> request feature. Everything else is a SamplingParams field.
+_FEATURE_KWARGS = ("json_schema", "json_mode", "regex", "grammar", "grammar_syntax", "tools", "tool_choice",
+                   "parallel_tool_calls", "retrieval", "guards", "n")
 
 
-def encode_prompt(lm, prompt: str | Sequence[int]) -> list[int]:
-    """Token ids for a raw prompt: text through the tokenizer (BOS as the model expects), ids passed through."""
-    if isinstance(prompt, str):
-        if lm.tokenizer is None:
-            raise TokenizerError("this model has no tokenizer; pass token ids")
-        ids = list(lm.tokenizer.encode(prompt, add_special=True))
-    elif isinstance(prompt, bytes):
-        raise InvalidRequestError("the prompt must be a str or a list of token ids, not bytes", field="prompt")
-    else:
-        ids = list(prompt)
-    if not ids:
-        raise InvalidRequestError("the prompt is empty", field="prompt")
-    return ids
+def build_request(*, messages=None, prompt=None, **kwargs) -> GenerationRequest:
+    """A `GenerationRequest` from Python keyword arguments (the Python API's and the CLI's spelling).
+
+    json_mode=True: one JSON object; json_schema=dict; regex=str; grammar=str (grammar_syntax "lark" default,
+    or "gbnf"); tools=[{"name", "description", "parameters"}] or OpenAI-style {"type": "function", "function":
+    {...}}; tool_choice="auto"|"none"|"required"|NAME; retrieval={"collection", "k"} or a collection name;
+    guards={"input", "output", "code", "model"}. Other keywords are sampling fields (SamplingParams).
+    """
+    features = {k: kwargs.pop(k) for k in list(kwargs) if k in _FEATURE_KWARGS}
+    req = GenerationRequest(messages=list(messages) if messages is not None and not isinstance(messages, (str, bytes))
+                            else messages, prompt=prompt, options=kwargs,
+                            defaults={"max_tokens": DEFAULT_MAX_TOKENS})
+    constraint = None
+    if features.get("json_schema") is not None:
+        constraint = Constraint("json_schema", schema=features["json_schema"], strict=True)
+    elif features.get("regex") is not None:
+        constraint = Constraint("regex", pattern=features["regex"])
+    elif features.get("grammar") is not None:
+        constraint = Constraint("grammar", grammar=features["grammar"],
+                                syntax=features.get("grammar_syntax") or "lark")
+    elif features.get("json_mode"):
+        constraint = Constraint("json")
+    req.constraint = constraint
+    if features.get("tools"):
+        req.tools = [_tool(t) for t in features["tools"]]
+    choice = features.get("tool_choice")
+    if choice is not None:
+        req.tool_choice = choice if choice in ("auto", "none", "required") or isinstance(choice, dict) \
+            else {"name": choice}
+    if features.get("parallel_tool_calls") is not None:
+        req.parallel_tool_calls = bool(features["parallel_tool_calls"])
+    r = features.get("retrieval")
+    if r is not None:
+        req.retrieval = Retrieval(r) if isinstance(r, str) else Retrieval(**r)
+    g = features.get("guards")
+    if g is not None:
+        req.guards = g if isinstance(g, Guards) else Guards(**g)
+    if features.get("n") is not None:
+        req.n = features["n"]
+    return req
 
 
-def _check_context(lm, ids: list[int]) -> None:
-    ctx = context_length(lm)
-    if len(ids) >= ctx:
-        raise ContextLengthError(len(ids), ctx)
+def _tool(t) -> Tool:
+    if isinstance(t, Tool):
+        return t
+    if not isinstance(t, dict):
+        raise InvalidRequestError("each tool must be an object with a name", field="tools")
+    fn = t.get("function", t) if t.get("type", "function") == "function" else t
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise InvalidRequestError("each tool needs a 'name'", field="tools")
+    return Tool(fn["name"], fn.get("description") or "", fn.get("parameters") or {"type": "object",
+                                                                                   "properties": {}})
 
 
-def _completion(req: Request, logprobs) -> Completion:
-    return Completion(text=req.text, token_ids=list(req.output_ids), finish_reason=req.finish_reason,
+def _plan(lm, request: GenerationRequest, logits_processors) -> Plan:
+    p = plan(lm, request)
+    if logits_processors:
+        extra = list(logits_processors)
+        p.stages = p.stages + [_CallerProcessors(extra)]
+    return p
+
+
+class _CallerProcessors(Stage):
+    """Logits processors handed in by a Python caller (run after the seam's own)."""
+
+    name = "caller_processors"
+
+    def __init__(self, processors):
+        self._processors = processors
+
+    def processors(self, plan) -> list:
+        return list(self._processors)
+
+
+def _completion(req: Request, result, logprobs) -> Completion:
+    return Completion(text=result.text, token_ids=list(req.output_ids), finish_reason=result.finish_reason,
                       usage=req.usage, logprobs=logprobs, cached_tokens=req.cached_tokens,
-                      timings={"prompt_seconds": req.prompt_seconds, "decode_seconds": req.decode_seconds})
+                      timings={"prompt_seconds": req.prompt_seconds, "decode_seconds": req.decode_seconds},
+                      tool_calls=result.tool_calls, citations=result.citations, extra=result.extra)
 
 
 def _checkout_engine(lm, needed: int) -> BatchEngine:

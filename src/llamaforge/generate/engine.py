@@ -11,7 +11,6 @@ be the beginning of a stop string is held back until it is clearly not one.
 from __future__ import annotations
 
 import itertools
-import operator
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..model import aot
-from .sampling import LogitsProcessor, Sampler, SamplingParams
+from .sampling import LogitsProcessor, Sampler, SamplingParams, check_token_ids
 
 DEFAULT_MAX_SEQ_LEN = 4096
 # Prompt tokens per forward: 256 is faster than 512 on CPU (the activations stay in cache; bench/NOTES.md) and
@@ -237,7 +236,7 @@ class BatchEngine:
         """Queue a request. Raises InvalidRequestError for bad params or token ids, ContextLengthError
         (with both counts) when the prompt leaves no room to generate in this engine's context window."""
         params = (params or SamplingParams()).validate()
-        ids = _check_prompt(prompt_ids, self.vocab_size)
+        ids = check_token_ids(prompt_ids, self.vocab_size)
         for i in params.stop_ids:
             if i >= self.vocab_size:
                 raise InvalidRequestError(f"stop id {i} is outside the vocabulary (size {self.vocab_size})",
@@ -417,25 +416,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _raise_type():
-    raise TypeError
-
-
-def _check_prompt(prompt_ids: Sequence[int], vocab_size: int) -> list[int]:
-    if isinstance(prompt_ids, (str, bytes)):
-        raise InvalidRequestError("prompt token ids must be a sequence of integers", field="prompt")
-    try:
-        ids = [operator.index(i) for i in prompt_ids if not isinstance(i, bool) or _raise_type()]
-    except TypeError:
-        raise InvalidRequestError("prompt token ids must be integers", field="prompt") from None
-    if not ids:
-        raise InvalidRequestError("the prompt is empty", field="prompt")
-    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
-    if bad is not None:
-        raise InvalidRequestError(f"token id {bad} is outside the vocabulary (size {vocab_size})", field="prompt")
-    return ids
-
-
 @torch.inference_mode()
 def prompt_logprobs(lm, prompt_ids: Sequence[int], top_n: int = 0, *, chunk: int = DEFAULT_PREFILL_CHUNK
                     ) -> list[tuple[float | None, list[tuple[int, float]] | None]]:
@@ -445,7 +425,7 @@ def prompt_logprobs(lm, prompt_ids: Sequence[int], top_n: int = 0, *, chunk: int
     Returns one (logprob, top) pair per prompt token; the first token has (None, None). `top` lists the
     `top_n` most likely tokens at that position as (id, logprob), or None when top_n is 0.
     """
-    ids = _check_prompt(prompt_ids, int(lm.config.vocab_size))
+    ids = check_token_ids(prompt_ids, int(lm.config.vocab_size))
     ctx = context_length(lm)
     if len(ids) > ctx:
         raise ContextLengthError(len(ids), ctx)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
@@ -113,13 +114,38 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
     @classmethod
+    def field_names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":
         """Build and validate from keyword arguments; an unknown name raises InvalidRequestError(field=name)."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = cls.field_names()
         for k in kwargs:
             if k not in names:
                 raise InvalidRequestError(f"unknown sampling parameter {k!r}", field=k)
         return cls(**kwargs).validate()
+
+
+def check_token_ids(ids: Any, vocab_size: int, field: str = "prompt") -> list[int]:
+    """The one vocabulary check: a non-empty sequence of ints in [0, vocab_size) -> list, else
+    InvalidRequestError naming `field`."""
+    if isinstance(ids, (str, bytes, bytearray)):
+        raise InvalidRequestError("token ids must be a sequence of integers", field=field)
+    try:
+        out = [operator.index(i) for i in ids if not isinstance(i, bool) or _not_an_id()]
+    except TypeError:
+        raise InvalidRequestError("token ids must be integers", field=field) from None
+    if not out:
+        raise InvalidRequestError("the prompt is empty", field=field)
+    bad = next((i for i in out if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad} is outside the vocabulary (size {vocab_size})", field=field)
+    return out
+
+
+def _not_an_id():
+    raise TypeError
 
 
 def _int(v: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:

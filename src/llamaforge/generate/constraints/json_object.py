@@ -12,6 +12,8 @@ from typing import Sequence
 
 import torch
 
+from ..stage import PlanContext, Stage
+
 _WS = " \t\n\r"
 _MAX_WS_RUN = 2      # outside strings: stops a model from padding forever with whitespace
 CANDIDATES = 64      # candidates checked per step before widening the search
@@ -225,8 +227,36 @@ class JsonLogitsProcessor:
         return mask
 
 
+JSON_INSTRUCTION = "Respond only with a single valid JSON object. Do not write anything before or after it."
+
+
+class JsonObjectStage(Stage):
+    """Constraint kind "json": tell the model to answer in JSON and allow only tokens that keep one JSON object
+    valid (it may stop only once the object is complete)."""
+
+    name = "json_object"
+    provides = ("json",)
+
+    def applies(self, request) -> bool:
+        return request.constraint is not None and request.constraint.kind == "json"
+
+    def prepare(self, ctx: PlanContext) -> None:
+        msgs = ctx.messages
+        if msgs is None:
+            return
+        if msgs and msgs[0]["role"] == "system":
+            msgs[0] = dict(msgs[0], content=msgs[0]["content"].rstrip() + "\n\n" + JSON_INSTRUCTION)
+        else:
+            msgs.insert(0, {"role": "system", "content": JSON_INSTRUCTION})
+
+    def processors(self, plan) -> list:
+        tok = plan.lm.tokenizer
+        stops = set(getattr(tok, "stop_ids", ()) or ()) | set(plan.params.stop_ids)
+        return [JsonLogitsProcessor(tok, sorted(stops))]
+
+
 def json_processors(entry) -> list:
-    """Processors for a JSON-mode request on this model (one fresh processor per request)."""
+    """(Transitional, used by the server routes until they go through the seam.)"""
     tok = entry.lm.tokenizer
     stops = set(getattr(tok, "stop_ids", ()) or ())
     fmt = getattr(entry, "_chat_format", None)
