@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import re
-import secrets
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ._fs import atomic_write_bytes, fsync_dir, temp_path, write_all
 from .errors import LlamaforgeError, ModelNotFoundError, StoreError
 
 SCHEMA_VERSION = 1
@@ -181,45 +181,6 @@ def _io(what: str):
         if e.errno == errno.EDQUOT:
             raise StoreError(f"{what}: disk quota exceeded") from None
         raise StoreError(f"{what}: {e.strerror or e}") from None
-
-
-def _write_all(fd: int, data) -> None:
-    mv = memoryview(data)
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _temp_name(directory: Path, base: str, suffix: str = "tmp") -> Path:
-    return directory / f".{base}.{os.getpid()}.{secrets.token_hex(4)}.{suffix}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temp file in the same directory, fsync, os.replace, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path.parent, path.name)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -490,7 +451,7 @@ class Store:
             return final
         with _io(f"cannot build the directory view of {name}"):
             self.trees.mkdir(parents=True, exist_ok=True)
-            tmp = _temp_name(self.trees, "tree")
+            tmp = temp_path(self.trees, "tree")
             try:
                 tmp.mkdir()
                 for rel, hexd in entries:
@@ -508,7 +469,7 @@ class Store:
                 if final.is_dir() and all((final / rel).exists() for rel, _ in entries):
                     return final   # another process built it at the same time
                 raise
-        _fsync_dir(self.trees)
+        fsync_dir(self.trees)
         return final
 
     # ---------------------------------------------------------------- writing
@@ -537,7 +498,7 @@ class Store:
             own_bar = _update is None
             update, close = _progress_bar(size, Path(src).name, progress) if own_bar else (_update, lambda: None)
             self.blobs.mkdir(parents=True, exist_ok=True)
-            tmp = _temp_name(self.blobs, "sha256", "partial")
+            tmp = temp_path(self.blobs, "sha256", "partial")
             h = hashlib.sha256()
             total = 0
             try:
@@ -551,7 +512,7 @@ class Store:
                             if not n:
                                 break
                             h.update(mv[:n])
-                            _write_all(fd, mv[:n])
+                            write_all(fd, mv[:n])
                             total += n
                             update(n)
                         os.fsync(fd)
@@ -568,7 +529,7 @@ class Store:
                     os.replace(tmp, final)
                     if _created is not None:
                         _created.append(final)
-                    _fsync_dir(self.blobs)
+                    fsync_dir(self.blobs)
             except BaseException:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
@@ -720,7 +681,7 @@ class Store:
             raise ModelNotFoundError(name, self.close_matches(name))
         with _io(f"cannot remove {n}"):
             p.unlink()
-            _fsync_dir(p.parent)
+            fsync_dir(p.parent)
             for d in (p.parent, p.parent.parent):
                 with contextlib.suppress(OSError):
                     d.rmdir()   # only succeeds when empty

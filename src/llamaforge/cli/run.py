@@ -9,7 +9,6 @@ from stdin when PROMPT is absent; an empty stdin gets a built-in demo prompt).
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -271,18 +270,12 @@ def _save_readline(readline) -> None:
     path = _history_path()
     if readline is None or path is None:
         return
-    tmp = path.with_name(f".history.{os.getpid()}.tmp")
+    from .._fs import atomic_file
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        readline.write_history_file(str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            readline.write_history_file(str(tmp))
     except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        pass
 
 
 def repl(session: ChatSession) -> int:

@@ -16,7 +16,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..model.rope import permute_qk, unpermute_qk
-from .atomic import atomic_dir
+from .._fs import atomic_dir
 
 _GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}

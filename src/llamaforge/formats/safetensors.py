@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from .atomic import atomic_dir
+from .._fs import atomic_dir
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the safetensors library's own limit
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

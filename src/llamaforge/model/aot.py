@@ -168,14 +168,17 @@ def build(model: nn.Module, out: Path, *, max_len: int = 64) -> Path:
 def _export_compile(step: nn.Module, example: tuple, dynamic: tuple, out: Path) -> None:
     from torch._inductor import aoti_compile_and_package
     from torch.export import export
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.pt2")
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            exported = export(step, example, dynamic_shapes=dynamic)
-            aoti_compile_and_package(exported, package_path=str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .._fs import atomic_file
+    with atomic_file(out) as tmp:
+        tmp.unlink()  # the packager writes the file itself (and wants the .pt2 suffix)
+        pt2 = tmp.with_name(tmp.name + ".pt2")
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                exported = export(step, example, dynamic_shapes=dynamic)
+                aoti_compile_and_package(exported, package_path=str(pt2))
+            os.replace(pt2, tmp)
+        finally:
+            pt2.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- running

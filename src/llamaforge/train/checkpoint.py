@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LlamaforgeError
-from ..formats.atomic import fsync_dir as _fsync_dir
+from .._fs import fsync_dir as _fsync_dir
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")

@@ -11,15 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from .._fs import atomic_write_bytes
 from ..errors import InvalidRequestError, ModelFormatError
 from .nf4 import NF4Linear
 
@@ -203,29 +202,15 @@ def adapter_config(model: nn.Module, base_model: str | None = None) -> dict:
     }
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapter(model: nn.Module, out_dir, base_model: str | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` (PEFT format) into out_dir, atomically."""
     from safetensors.torch import save
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    _atomic_write_bytes(out / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(out / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
     cfg = adapter_config(model, base_model)
-    _atomic_write_bytes(out / ADAPTER_CONFIG, (json.dumps(cfg, indent=2) + "\n").encode())
+    atomic_write_bytes(out / ADAPTER_CONFIG, (json.dumps(cfg, indent=2) + "\n").encode())
     return out
 
 

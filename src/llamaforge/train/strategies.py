@@ -187,10 +187,10 @@ def save_full_model(model: nn.Module, out: Path, lm) -> Path:
     # Minimal writer while formats.safetensors is unavailable: same file names HF uses.
     from safetensors.torch import save
     out.mkdir(parents=True, exist_ok=True)
-    from .lora import _atomic_write_bytes
-    _atomic_write_bytes(out / "model.safetensors", save(sd, metadata={"format": "pt"}))
+    from .._fs import atomic_write_bytes
+    atomic_write_bytes(out / "model.safetensors", save(sd, metadata={"format": "pt"}))
     cfg = model.config.to_hf_config()
-    _atomic_write_bytes(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
     for f in tok_files:
         shutil.copyfile(f, out / f.name)
     return out

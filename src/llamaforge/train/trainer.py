@@ -12,13 +12,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .._fs import atomic_file, atomic_write_text
 from ..errors import InvalidRequestError
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -369,8 +369,7 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from .lora import _atomic_write_bytes
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+    atomic_write_text(path, text)
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> Path | None:
@@ -393,15 +392,11 @@ def plot_metrics(metrics_path: Path, png: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=".loss.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, png)
+        with atomic_file(png) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
     return png
 
 
