@@ -19,9 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default 127.0.0.1; anything else exposes the server to the network)")
     p.add_argument("--port", type=int, default=11435, help="port (default 11435)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health "
-                        "(default: env LLAMAFORGE_API_KEY)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health; repeat for several "
+                        "users (each key sees only its own web UI conversations) (default: env "
+                        "LLAMAFORGE_API_KEY)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a batch slot before answering 503 (default 64)")
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> int:
 
     from ..server.app import ServerConfig, create_app, make_server
     from ..server.security import is_loopback_host
-    api_key = args.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
+    keys = [k for k in (args.api_key or []) if k] or [os.environ.get("LLAMAFORGE_API_KEY") or ""]
+    api_key = (keys[0] if len(keys) == 1 else keys) if any(keys) else None
     config = ServerConfig(models=models, host=args.host, port=args.port, api_key=api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, max_body=args.max_body,
                           allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
@@ -80,6 +82,8 @@ def main(argv: list[str]) -> int:
         log.warning("binding %s exposes the server beyond this machine%s", args.host,
                     "" if api_key else "; set --api-key (or LLAMAFORGE_API_KEY) to require a key")
     _limit_threads()
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    log.info("web chat page: http://%s:%d/ui", f"[{shown}]" if ":" in shown else shown, args.port)
     try:
         server = make_server(create_app(config), args.host, args.port, log_level=args.log_level)
         server.run()

@@ -3,8 +3,9 @@
 In order, for every HTTP request:
 1. Host / Origin checks against DNS rebinding (loopback binds): a browser tricked into sending requests to
    127.0.0.1 under a foreign name carries that name in Host, and a foreign page carries its Origin -> 403.
-2. API key (when configured): every route but /health needs `Authorization: Bearer KEY` (what the OpenAI and
-   Ollama clients send) or `X-API-Key: KEY` -> else 401.
+2. API key (when configured; one or several): every route but /health and the web UI's static page (/ui,
+   /ui/static/*: no data, and a browser cannot attach a key to a page load) needs `Authorization: Bearer KEY`
+   (what the OpenAI and Ollama clients send) or `X-API-Key: KEY` -> else 401.
 3. Body size limit: Content-Length over the limit, or a chunked body that grows past it -> 413.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Iterable
 from urllib.parse import urlsplit
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/ui", "/ui/"})
+PUBLIC_PREFIXES = ("/ui/static/",)   # the web UI's scripts and styles (its data routes, /ui/api/..., need the key)
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 
@@ -54,12 +56,28 @@ def error_body(path: str, status: int, message: str, type_: str, code: str | Non
     return json.dumps(body).encode()
 
 
+def presented_key(headers: dict[str, str]) -> str | None:
+    """The key a request carries (`Authorization: Bearer KEY` or `X-API-Key: KEY`; lower-case header names)."""
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    if "x-api-key" in headers:
+        return headers["x-api-key"].strip()
+    return None
+
+
+def _keys(api_key) -> tuple[str, ...]:
+    if not api_key:
+        return ()
+    return (api_key,) if isinstance(api_key, str) else tuple(k for k in api_key if k)
+
+
 class SecurityMiddleware:
-    def __init__(self, app, *, api_key: str | None = None, loopback_only: bool = True,
+    def __init__(self, app, *, api_key: str | Iterable[str] | None = None, loopback_only: bool = True,
                  allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                  max_body: int = DEFAULT_MAX_BODY, on_reject=None):
         self.app = app
-        self.api_key = api_key or None
+        self.api_keys = _keys(api_key)   # several keys: each is its own user of the web UI's conversations
         self.loopback_only = loopback_only
         self.allowed_hosts = {h.lower() for h in allowed_hosts}
         self.allowed_origins = {o.rstrip("/").lower() for o in allowed_origins}
@@ -123,15 +141,13 @@ class SecurityMiddleware:
             "permission_error", "forbidden_origin"
 
     def _check_key(self, path, headers):
-        if self.api_key is None or path in PUBLIC_PATHS:
+        if not self.api_keys or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return None
-        given = None
-        auth = headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        elif "x-api-key" in headers:
-            given = headers["x-api-key"].strip()
-        if given is not None and hmac.compare_digest(given.encode(), self.api_key.encode()):
+        given = presented_key(headers)
+        # Compare with every key (no early exit), so timing does not tell which key nearly matched.
+        if given is not None and sum(hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
+                                                         k.encode("utf-8", "surrogatepass"))
+                                     for k in self.api_keys):
             return None
         why = "missing API key" if given is None else "invalid API key"
         return 401, f"{why}: send 'Authorization: Bearer <key>'", "authentication_error", "invalid_api_key"
