@@ -108,9 +108,9 @@ async function openConversation(id) {
     conv = await api.conversations.get(id);
   } catch (e) {
     if (token !== state.opening) return;
-    showError(e.status === 404 ? "That conversation does not exist (or belongs to another key)." : e.message);
     history.replaceState(null, "", "/ui");
     newChat();
+    showError(e.status === 404 ? "That conversation does not exist (or belongs to another key)." : e.message);
     return;
   }
   if (token !== state.opening) return;
@@ -147,6 +147,7 @@ function settingsChanged() {
 
 // ------------------------------------------------------------------------------------------------ sending
 function setStreaming(on) {
+  document.body.dataset.streaming = String(on);   // for styles, scripts and tests
   $("send").hidden = on;
   $("stop").hidden = !on;
   view.setBusy(on);
