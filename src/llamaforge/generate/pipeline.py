@@ -95,9 +95,9 @@ def plan(lm, request: GenerationRequest, *, context_length: int | None = None,
     else:
         prompt_ids, format_stops = _encode_prompt(ctx), ()
     if request.context:
-        bos = getattr(lm.tokenizer, "bos_id", None)
-        if prompt_ids and bos is not None and prompt_ids[0] == bos:
-            prompt_ids = prompt_ids[1:]  # the earlier exchange already starts with BOS
+        tok = lm.tokenizer
+        if prompt_ids and getattr(tok, "add_bos", False) and prompt_ids[0] == tok.bos_id:
+            prompt_ids = prompt_ids[1:]  # the earlier exchange already starts with the BOS the tokenizer adds
         prompt_ids = list(request.context) + prompt_ids
     params = _sampling(ctx, len(prompt_ids), ctx_len, format_stops)  # the context check comes first
     check_token_ids(prompt_ids, int(lm.config.vocab_size), request.spelling("context" if request.context

@@ -132,8 +132,26 @@ class _CountRequests:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", "other")
+            seconds = time.perf_counter() - t0
             self.metrics.requests.inc(route=route, status=str(status["code"]))
-            self.metrics.latency.observe(time.perf_counter() - t0, route=route)
+            self.metrics.latency.observe(seconds, route=route)
+            _log_request(scope, status["code"], seconds)
+
+
+def _log_request(scope, status: int, seconds: float) -> None:
+    """One line per request: method, route, status, model, tokens, milliseconds (and the caller's user id)."""
+    info = (scope.get("state") or {}).get("llamaforge") or {}
+    parts = [scope.get("method", "?"), scope.get("path", "?"), str(status)]
+    if info.get("model"):
+        parts.append(f"model={info['model']}")
+    gen = info.get("generation")
+    if gen is not None:
+        u = gen.usage()
+        parts.append(f"tokens={u['prompt_tokens']}+{u['completion_tokens']}")
+    parts.append(f"{seconds * 1000:.0f}ms")
+    if info.get("user"):
+        parts.append(f"user={info['user']!r}")
+    log.info(" ".join(parts))
 
 
 async def _reap_forever(state: ServerState) -> None:

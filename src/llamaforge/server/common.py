@@ -284,3 +284,9 @@ def tool_arguments(call: dict) -> dict:
     except ValueError:
         args = {}
     return args if isinstance(args, dict) else {"value": args}
+
+
+def log_fields(request, **fields) -> None:
+    """Facts for the request's log line (server/app.py `_log_request`): model, generation, user."""
+    state = request.scope.setdefault("state", {})
+    state.setdefault("llamaforge", {}).update({k: v for k, v in fields.items() if v is not None})

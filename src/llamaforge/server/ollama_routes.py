@@ -18,8 +18,8 @@ from starlette.requests import Request
 from ..errors import LlamaforgeError
 from ..generate.embed import check_dimensions, embed_ids, tokenize_inputs
 from ..generate.request import Constraint, GenerationRequest, Guards, Retrieval, Tool
-from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, plan_request,
-                     read_json, token_text, tool_arguments, until_disconnect)
+from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, log_fields,
+                     plan_request, read_json, token_text, tool_arguments, until_disconnect)
 from .scheduler import ERROR
 from .schemas import (MAX_TOP_LOGPROBS_CHAT, ApiError, OllamaChatRequest, OllamaEmbedRequest,
                       OllamaGenerateRequest, OllamaLegacyEmbeddingsRequest, OllamaOptions, bad_request, check_int,
@@ -224,6 +224,7 @@ async def generate(request: Request):
         return await _load_or_unload(st, entry, req.model, keep_alive, False, t0)
     plan = await _plan(entry, greq, num_ctx)
     gen = Generation(entry, t0)
+    log_fields(request, model=entry.name, generation=gen)
     choice = gen.submit(plan)[0]
     tok = entry.lm.tokenizer
     lp_n = plan.params.logprobs
@@ -310,6 +311,7 @@ async def chat(request: Request):
         return await _load_or_unload(st, entry, req.model, keep_alive, True, t0)
     plan = await _plan(entry, greq, num_ctx)
     gen = Generation(entry, t0)
+    log_fields(request, model=entry.name, generation=gen)
     choice = gen.submit(plan)[0]
     tok = entry.lm.tokenizer
     lp_n = plan.params.logprobs

@@ -20,8 +20,8 @@ from .. import __version__
 from ..errors import LlamaforgeError
 from ..generate.embed import check_dimensions, embed_ids, tokenize_inputs
 from ..generate.request import Constraint, GenerationRequest, Guards, Retrieval, Tool
-from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, plan_request,
-                     read_json, token_text, until_disconnect)
+from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, log_fields,
+                     plan_request, read_json, token_text, until_disconnect)
 from .models import normalize_name
 from .scheduler import ERROR, SHUTDOWN
 from .schemas import (MAX_BATCH_PROMPTS, MAX_LOGPROBS_COMPLETIONS, MAX_TOP_LOGPROBS_CHAT, ApiError,
@@ -205,6 +205,10 @@ def chat_request(st, req: OpenAIChatRequest) -> GenerationRequest:
         else ("max_tokens", req.max_tokens)
     opts = _sampling(req, check_max_tokens(value, field))
     opts["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
+    if not req.tools:
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if getattr(req, name) is not None and getattr(req, name) != "none":
+                raise bad_request(f"'{name}' is only allowed when 'tools' are given", name)
     return GenerationRequest(
         messages=_messages(req), options=opts, constraint=_constraint(req.response_format), tools=_tools(req),
         tool_choice=_tool_choice(req.tool_choice),
@@ -223,6 +227,7 @@ async def chat_completions(request: Request):
     entry = await st.models.get(req.model)
     plan = await plan_request(entry, greq)
     gen = Generation(entry)
+    log_fields(request, model=entry.name, generation=gen, user=req.safety_identifier or req.user)
     gen.submit(plan)
     cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
     tok = entry.lm.tokenizer
@@ -393,6 +398,7 @@ async def completions(request: Request):
                                         "total_tokens": n_prompt}})
 
     gen = Generation(entry)
+    log_fields(request, model=entry.name, generation=gen, user=req.user)
     for pi, p in enumerate(plans):
         gen.submit(p, group=pi)
     if req.stream:
@@ -517,6 +523,7 @@ async def embeddings(request: Request):
     if len(items) > 2048:
         raise bad_request("at most 2048 inputs per request", "input")
     entry = await st.models.get(req.model)
+    log_fields(request, model=entry.name, user=req.user)
     try:
         dims = check_dimensions(entry.lm, req.dimensions)
         batch = await asyncio.to_thread(tokenize_inputs, entry.lm, items,
