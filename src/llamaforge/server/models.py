@@ -186,12 +186,12 @@ class ModelManager:
         ka = self.config.keep_alive if keep_alive is None else keep_alive
         entry.expires_at = None if ka < 0 else time.monotonic() + ka
 
-    def unload(self, name: str) -> bool:
+    def unload(self, name: str, reason: str | None = None) -> bool:
         with self._lock:
             entry = self.entries.pop(name, None)
         if entry is None:
             return False
-        entry.scheduler.shutdown()
+        entry.scheduler.shutdown(reason=reason or f"model {name!r} was unloaded")
         log.info("unloaded %s", name)
         return True
 
