@@ -203,3 +203,34 @@ def test_stream_cut_by_unloading_says_so(lm):
         assert not any('"finish_reason":"stop"' in x for x in data)
     finally:
         r.stop()
+
+
+@pytest.mark.parametrize("existing, missing", [
+    ("~/.bashrc-probe", "~/.no-such-file-probe"),
+    ("{tmp}/real.gguf", "{tmp}/absent.gguf"),
+    ("../{tmpname}/real.gguf", "../{tmpname}/absent.gguf"),
+    ("real.gguf", "absent.gguf"),
+])
+def test_refusals_never_reveal_whether_a_file_exists(srv, tmp_path, monkeypatch, existing, missing):
+    """Hole 1: the answer to a request naming a model must not depend on which files exist."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (home / ".bashrc-probe").write_text("x")
+    (tmp_path / "real.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    monkeypatch.chdir(tmp_path)
+
+    def fill(s):
+        return s.format(tmp=tmp_path, tmpname=tmp_path.name)
+    for route, body in (("/v1/chat/completions", lambda m: {"model": m, "messages": [{"role": "user", "content": "x"}]}),
+                        ("/api/generate", lambda m: {"model": m, "prompt": "x", "stream": False}),
+                        ("/api/show", lambda m: {"model": m}),
+                        ("/api/create", lambda m: {"model": "probe", "from": m}),
+                        ("/api/create", lambda m: {"model": m, "from": "tiny"})):
+        answers = []
+        for name in (fill(existing), fill(missing)):
+            r = httpx.post(srv.url + route, json=body(name))
+            text = r.text.replace(json.dumps(name)[1:-1], "NAME").replace(repr(name), "'NAME'")
+            answers.append((r.status_code, text))
+        assert answers[0] == answers[1], (route, answers)
+        assert answers[0][0] in (400, 404)
