@@ -285,12 +285,13 @@ class ConversationStore:
             self._secret, self._ready = secret, True
 
     # -- owners
-    def owner_for(self, api_key: str | None) -> str:
-        """The owner id of a caller: LOCAL_OWNER without a key, else HMAC-SHA256 of the key (hex)."""
+    def owner_for(self, api_key: str | bytes | None) -> str:
+        """The owner id of a caller: LOCAL_OWNER without a key, else HMAC-SHA256 of the key's UTF-8 bytes (hex)."""
         if not api_key:
             return LOCAL_OWNER
         self._ensure_schema()
-        return "key:" + hmac.new(self._secret, api_key.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+        raw = api_key if isinstance(api_key, bytes) else api_key.encode("utf-8", "surrogatepass")
+        return "key:" + hmac.new(self._secret, raw, hashlib.sha256).hexdigest()
 
     # -- reads
     def list(self, owner: str, query: str | None = None, limit: int = 200) -> list[dict]:

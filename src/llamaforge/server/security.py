@@ -3,10 +3,15 @@
 In order, for every HTTP request:
 1. Host / Origin checks against DNS rebinding (loopback binds): a browser tricked into sending requests to
    127.0.0.1 under a foreign name carries that name in Host, and a foreign page carries its Origin -> 403.
-2. API key (when configured; one or several): every route but /health and the web UI's static page (/ui,
+2. CORS for the origins allowed with `--allow-origin`: a browser's preflight (OPTIONS with
+   Access-Control-Request-Method) is answered 204 with the Access-Control-Allow-* headers, before any API key
+   is asked for (browsers never send credentials on a preflight); responses to allowed cross-origin requests
+   carry Access-Control-Allow-Origin.
+3. API key (when configured; one or several): every route but /health and the web UI's static page (/ui,
    /ui/static/*: no data, and a browser cannot attach a key to a page load) needs `Authorization: Bearer KEY`
-   (what the OpenAI and Ollama clients send) or `X-API-Key: KEY` -> else 401.
-3. Body size limit: Content-Length over the limit, or a chunked body that grows past it -> 413.
+   (what the OpenAI and Ollama clients send) or `X-API-Key: KEY` -> else 401. Keys are compared as UTF-8
+   bytes, so a non-ASCII key works. With several keys, each is its own user of the web UI's conversations.
+4. Body size limit: Content-Length over the limit, or a chunked body that grows past it -> 413.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from typing import Iterable
 from urllib.parse import urlsplit
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
+CORS_METHODS = b"GET, POST, PATCH, DELETE, OPTIONS"
+CORS_HEADERS = b"authorization, content-type, x-api-key"
 PUBLIC_PATHS = frozenset({"/health", "/ui", "/ui/"})
 PUBLIC_PREFIXES = ("/ui/static/",)   # the web UI's scripts and styles (its data routes, /ui/api/..., need the key)
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
@@ -56,20 +63,24 @@ def error_body(path: str, status: int, message: str, type_: str, code: str | Non
     return json.dumps(body).encode()
 
 
-def presented_key(headers: dict[str, str]) -> str | None:
-    """The key a request carries (`Authorization: Bearer KEY` or `X-API-Key: KEY`; lower-case header names)."""
+def presented_key(headers: dict[str, str]) -> bytes | None:
+    """The key a request carries (`Authorization: Bearer KEY` or `X-API-Key: KEY`; lower-case header names), as
+    bytes: ASGI hands header bytes over as latin-1 text, and keys are compared as UTF-8 bytes."""
     auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    if "x-api-key" in headers:
-        return headers["x-api-key"].strip()
-    return None
+        given = auth[7:].strip()
+    elif "x-api-key" in headers:
+        given = headers["x-api-key"].strip()
+    else:
+        return None
+    return given.encode("latin-1", "replace")
 
 
-def _keys(api_key) -> tuple[str, ...]:
+def _keys(api_key) -> tuple[bytes, ...]:
     if not api_key:
         return ()
-    return (api_key,) if isinstance(api_key, str) else tuple(k for k in api_key if k)
+    keys = (api_key,) if isinstance(api_key, str) else tuple(api_key)
+    return tuple(k.encode("utf-8") for k in keys if k)
 
 
 class SecurityMiddleware:
@@ -77,7 +88,7 @@ class SecurityMiddleware:
                  allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                  max_body: int = DEFAULT_MAX_BODY, on_reject=None):
         self.app = app
-        self.api_keys = _keys(api_key)   # several keys: each is its own user of the web UI's conversations
+        self.api_keys = _keys(api_key)
         self.loopback_only = loopback_only
         self.allowed_hosts = {h.lower() for h in allowed_hosts}
         self.allowed_origins = {o.rstrip("/").lower() for o in allowed_origins}
@@ -89,8 +100,15 @@ class SecurityMiddleware:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
-        problem = (self._check_host(headers) or self._check_origin(headers)
-                   or self._check_key(path, headers) or self._check_length(headers))
+        problem = self._check_host(headers) or self._check_origin(headers)
+        if problem:
+            return await self._reject(scope, send, path, *problem)
+        cors = self._cors_origin(headers)
+        if cors is not None and scope.get("method") == "OPTIONS" and "access-control-request-method" in headers:
+            return await self._preflight(send, cors)
+        if cors is not None:
+            send = _with_cors(send, cors)  # errors too: a page must be able to read why it was refused
+        problem = self._check_key(path, headers) or self._check_length(headers)
         if problem:
             return await self._reject(scope, send, path, *problem)
         if scope.get("method") in ("POST", "PUT", "PATCH", "DELETE"):
@@ -144,13 +162,30 @@ class SecurityMiddleware:
         if not self.api_keys or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return None
         given = presented_key(headers)
-        # Compare with every key (no early exit), so timing does not tell which key nearly matched.
-        if given is not None and sum(hmac.compare_digest(given.encode("utf-8", "surrogatepass"),
-                                                         k.encode("utf-8", "surrogatepass"))
-                                     for k in self.api_keys):
+        # Compared with every key (no early exit), so timing does not tell which key nearly matched.
+        if given is not None and sum(hmac.compare_digest(given, k) for k in self.api_keys):
             return None
         why = "missing API key" if given is None else "invalid API key"
         return 401, f"{why}: send 'Authorization: Bearer <key>'", "authentication_error", "invalid_api_key"
+
+    def _cors_origin(self, headers) -> bytes | None:
+        """The Origin to echo in CORS headers: a cross-origin one that --allow-origin lets in (else None)."""
+        origin = headers.get("origin")
+        if origin is None or not self.allowed_origins:
+            return None
+        o = origin.rstrip("/").lower()
+        if urlsplit(o).netloc == headers.get("host", "").lower():
+            return None  # same origin: no CORS involved
+        if o in self.allowed_origins or "*" in self.allowed_origins:
+            return origin.encode("latin-1")
+        return None
+
+    async def _preflight(self, send, origin: bytes) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": [
+            (b"access-control-allow-origin", origin), (b"access-control-allow-methods", CORS_METHODS),
+            (b"access-control-allow-headers", CORS_HEADERS), (b"access-control-max-age", b"600"),
+            (b"vary", b"Origin"), (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
 
     def _check_length(self, headers):
         cl = headers.get("content-length")
@@ -176,6 +211,15 @@ class SecurityMiddleware:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _with_cors(send, origin: bytes):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = dict(message, headers=list(message.get("headers", [])) + [
+                (b"access-control-allow-origin", origin), (b"vary", b"Origin")])
+        await send(message)
+    return wrapped
 
 
 class _BodyTooLarge(Exception):
