@@ -391,6 +391,15 @@ def test_long_answers_and_long_conversations_render_completely(page, srv):
     assert body.locator("pre").count() == 300 and body.locator("button", has_text="Copy").count() == 300
     assert body.locator("h2").last.inner_text() == "Part 299"
     assert body.locator("code.language-python").nth(299).inner_text().strip() == "x_299 = 299"
+    # Rendered block by block while streaming, yet the same page as the whole text rendered at once (a reload
+    # renders the stored answer in one go).
+    streamed = body.inner_html()
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.locator("article[data-role=assistant] pre").nth(299).wait_for()
+    once = page.locator("article[data-role=assistant] .msg-body").inner_html()
+    strip = lambda html: re.sub(r"</?div>", "", html)  # noqa: E731 - the streamed body groups blocks in two divs
+    assert strip(streamed) == strip(once)
 
     # 1,200 stored messages: the newest are shown at once, older ones are added behind them.
     msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message number {i}"} for i in range(1200)]

@@ -21,18 +21,29 @@ ANSWER_MS = 600_000          # one answer on a loaded 2-core machine can take mi
 DROP_MARKER = "[drop-connection-test]"
 
 
-def require_browser():
-    """Playwright's sync API and the chromium binary, or a test failure that says how to get them."""
+def find_browser():
+    """(Playwright's sync_playwright, the chromium path), or RuntimeError saying how to get what is missing."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("the browser tests need Playwright for Python: `.venv/bin/pip install -e '.[browser]'` "
-                    "(pins playwright==1.65.2), or run `make test-browser`", pytrace=False)
+        raise RuntimeError("the browser tests need Playwright for Python: `.venv/bin/pip install -e '.[browser]'` "
+                           "(pins playwright==1.65.2), or run `make test-browser`") from None
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"the browser tests drive Debian's chromium at {CHROMIUM}, which is missing: "
-                    "`apt-get install -y chromium` (what `make test-browser` does), or set LLAMAFORGE_CHROMIUM",
-                    pytrace=False)
-    return sync_playwright
+        raise RuntimeError(f"the browser tests drive Debian's chromium at {CHROMIUM}, which is missing: "
+                           "`apt-get install -y chromium` (what `make test-browser` does), or set "
+                           "LLAMAFORGE_CHROMIUM")
+    return sync_playwright, CHROMIUM
+
+
+def require_browser():
+    """Playwright's sync API, or a test failure (not a skip) that says how to get the browser pieces."""
+    try:
+        return find_browser()[0]
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+require_browser_for_bench = find_browser
 
 
 class DropConnections:

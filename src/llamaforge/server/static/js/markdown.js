@@ -10,6 +10,8 @@ import hljs from "../vendor/highlight.min.js";
 const LIVE_HIGHLIGHT_LIMIT = 6000;   // characters of a still-streaming code block worth highlighting per frame
 const AUTO_DETECT_LIMIT = 20000;     // language auto-detection tries every grammar: only for modest blocks
 
+const REFERENCE_DEF = /^ {0,3}\[[^\]\n]+\]:/m;   // [label]: url
+
 const marked = new Marked({ gfm: true, breaks: false, async: false });
 marked.use({
   renderer: {
@@ -163,6 +165,7 @@ export class StreamingMarkdown {
     this.live = document.createElement("div");
     el.replaceChildren(this.frozen, this.live);
     this.frozenLen = 0;
+    this.frozenSource = "";   // the text behind this.frozen (finish() checks the final text still starts so)
     this.text = "";
     this.scheduled = false;
     this.delay = 0;          // grows when a render is slow, so a huge block cannot starve the page
@@ -196,6 +199,7 @@ export class StreamingMarkdown {
         decorateCode(holder);
         this.frozen.append(...holder.childNodes);
         this.frozenLen += raw.length;
+        this.frozenSource += raw;
         rest = rest.slice(raw.length);
       }
     }
@@ -206,9 +210,18 @@ export class StreamingMarkdown {
     if (this.onRender) this.onRender();
   }
 
+  // The last render. Finished blocks stay as they are (a long answer is not redone at its end), unless the text
+  // defines reference links, which can change blocks rendered before the definition arrived.
   finish(text) {
     this.text = normalize(text);
-    this.finished = true;   // a frame still pending does nothing
-    renderMarkdown(this.el, this.text);
+    if (REFERENCE_DEF.test(this.text) || !this.text.startsWith(this.frozenSource)) {
+      this.finished = true;   // a frame still pending does nothing
+      renderMarkdown(this.el, this.text);
+      return;
+    }
+    const rest = this.text.slice(this.frozenLen);
+    this.live.replaceChildren(toFragment(rest));
+    decorateCode(this.live);
+    this.finished = true;
   }
 }

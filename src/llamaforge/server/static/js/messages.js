@@ -4,13 +4,15 @@
 
 import { StreamingMarkdown, copyText, linkCitations, renderMarkdown } from "./markdown.js";
 
-const BATCH = 30;
+const FIRST_MS = 50;     // the newest messages are drawn in one go for up to this long...
+const SLICE_MS = 12;     // ...older ones in slices this long, so input and scrolling never wait for them
 
 export function formatStats(meta) {
   const parts = [];
   const u = meta.usage;
-  if (u && Number.isFinite(u.completion_tokens)) parts.push(`${u.completion_tokens} tokens`);
   const t = meta.timing;
+  if (u && Number.isFinite(u.completion_tokens)) parts.push(`${u.completion_tokens} tokens`);
+  else if (t && t.deltas > 0) parts.push(`≈${t.deltas} tokens`);
   if (t && Number.isFinite(t.tokens_per_s) && t.tokens_per_s > 0) parts.push(`${t.tokens_per_s.toFixed(1)} tok/s`);
   if (t && Number.isFinite(t.ttft_ms)) parts.push(`first token ${(t.ttft_ms / 1000).toFixed(2)} s`);
   if (u && Number.isFinite(u.prompt_tokens)) parts.push(`prompt ${u.prompt_tokens}`);
@@ -78,29 +80,42 @@ export class MessageList {
     this.emptyState.hidden = false;
   }
 
-  // Render a conversation: the newest BATCH at once, older ones prepended in the background.
+  // Render a conversation newest first: what fits in FIRST_MS at once, older messages prepended in SLICE_MS
+  // slices between other work (a switch to another conversation stops it).
   async show(messages, convId) {
     const token = ++this.renderToken;
     this.idPrefix = `m-${convId}`;
     this.emptyState.hidden = messages.length > 0;
     this.el.replaceChildren(this.emptyState);
-    let start = Math.max(0, messages.length - BATCH);
-    const frag = document.createDocumentFragment();
-    for (let i = start; i < messages.length; i++) frag.append(this.element(messages[i], i));
-    this.el.append(frag);
-    this.refreshActions();
-    this.scrollToBottom();
+    let start = messages.length;
+    let budget = FIRST_MS;
+    let first = true;
     while (start > 0) {
+      const t0 = performance.now();
+      const slice = [];
+      do {
+        start--;
+        slice.unshift(this.element(messages[start], start));
+      } while (start > 0 && performance.now() - t0 < budget);
+      const before = this.el.scrollHeight;
+      this.el.insertBefore(this.fragment(slice), this.emptyState.nextSibling);
+      if (first) {
+        this.refreshActions();
+        this.scrollToBottom();
+        first = false;
+      } else {
+        this.el.scrollTop += this.el.scrollHeight - before;   // keep what the reader sees in place
+      }
+      budget = SLICE_MS;
       await new Promise((r) => setTimeout(r, 0));
       if (token !== this.renderToken) return;
-      const from = Math.max(0, start - BATCH);
-      const older = document.createDocumentFragment();
-      for (let i = from; i < start; i++) older.append(this.element(messages[i], i));
-      const before = this.el.scrollHeight;
-      this.el.insertBefore(older, this.emptyState.nextSibling);
-      this.el.scrollTop += this.el.scrollHeight - before;   // keep what the reader sees in place
-      start = from;
     }
+  }
+
+  fragment(nodes) {
+    const frag = document.createDocumentFragment();
+    frag.append(...nodes);
+    return frag;
   }
 
   append(msg, index) {
@@ -138,8 +153,10 @@ export class MessageList {
       update: (text) => md.update(text),
       finish: (msg) => {
         done();
-        md.finish(msg.content);
-        const final = this.element(msg, index);
+        const body = el.querySelector(".msg-body");
+        if ((msg.meta || {}).json_mode) renderMarkdown(body, jsonAsMarkdown(msg.content));
+        else md.finish(msg.content);
+        const final = this.element(msg, index, { body });   // the streamed rendering is kept, not redone
         el.replaceWith(final);
         this.refreshActions();
         if (stick) this.scrollToBottom();
@@ -164,7 +181,7 @@ export class MessageList {
     for (const b of this.el.querySelectorAll(".msg-actions button.needs-idle")) b.disabled = busy;
   }
 
-  element(msg, index, { streaming = false } = {}) {
+  element(msg, index, { streaming = false, body: rendered = null } = {}) {
     const meta = msg.meta || {};
     const art = document.createElement("article");
     art.className = "msg";
@@ -174,10 +191,13 @@ export class MessageList {
     const who = document.createElement("div");
     who.className = "msg-who";
     who.textContent = msg.role === "user" ? "You" : `Assistant${meta.model ? " · " + meta.model : ""}`;
-    const body = document.createElement("div");
+    const body = rendered || document.createElement("div");
     body.className = "msg-body";
     art.append(who, body);
-    if (msg.role === "user") {
+    if (rendered) {
+      body.classList.add("markdown");
+      this.decorateAnswer(art, body, msg, index);
+    } else if (msg.role === "user") {
       body.classList.add("plain");
       body.textContent = msg.content;   // user text is text, whatever it contains
     } else if (!streaming) {

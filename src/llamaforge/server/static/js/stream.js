@@ -66,6 +66,7 @@ export async function streamAnswer(body, signal, onText) {
   const tEnd = performance.now();
   const completion = out.usage && Number.isFinite(out.usage.completion_tokens) ? out.usage.completion_tokens : deltas;
   out.timing = {
+    deltas,   // text events seen: the token count when the stream ended before its usage report
     total_ms: Math.round(tEnd - t0),
     ttft_ms: tFirst === null ? null : Math.round(tFirst - t0),
     // Decode speed: tokens after the first over the time after the first (the first pays for the prompt).
