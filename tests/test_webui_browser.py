@@ -135,6 +135,10 @@ def test_stream_two_turns_like_the_api_then_reload_and_reopen(page, srv, lm):
     assert [msgs.nth(i).get_attribute("data-role") for i in range(4)] == roles
     assert msgs.nth(0).locator(".msg-body").inner_text() == "What is the capital of France?"
     assert page.get_by_role("heading", name=conv["title"]).is_visible()
+    page.get_by_role("button", name="Settings").click()                     # the chat's settings came back too
+    assert page.get_by_label("Max tokens").input_value() == "10"
+    assert page.get_by_label("Temperature").input_value() == "0"
+    assert page.get_by_label("Model", exact=True).input_value() == "smollm2"
 
 
 def test_stop_keeps_the_partial_answer_then_regenerate_and_edit(page, srv):
@@ -163,6 +167,10 @@ def test_stop_keeps_the_partial_answer_then_regenerate_and_edit(page, srv):
 
     # Regenerate: the stopped answer is replaced by a new one (one answer, a new stored row).
     set_params(page, max_tokens=6)
+    deadline = time.time() + 30                                              # settings are saved with the chat
+    while stored(srv, cid)["settings"].get("max_tokens") != 6 and time.time() < deadline:
+        time.sleep(0.2)
+    assert stored(srv, cid)["settings"]["max_tokens"] == 6
     mark_answers(page)
     page.get_by_role("button", name="Regenerate").click()
     wait_new_answer(page)
@@ -207,6 +215,46 @@ def test_each_key_has_its_own_conversations(browser, keyed):
     for p in (a, b):
         assert not p.errors, p.errors
         p.context.close()
+
+
+def test_search_rename_and_delete_from_the_page(page, srv):
+    script_chat(page, sse("Bananas are berries."))
+    send(page, "Tell me a fruit fact about bananas")
+    wait_answers(page, 1)
+    cid = conversation_id(page)
+    page.unroute("**/v1/chat/completions")
+    script_chat(page, sse("The sea is salty."))
+    page.get_by_role("button", name="New chat").click()
+    send(page, "Something about the sea")
+    wait_answers(page, 1)
+    nav = page.get_by_role("navigation", name="Conversations")
+    search = page.get_by_role("searchbox", name="Search conversations")
+    search.fill("BERRIES")                                                   # found in an answer's text
+    from playwright.sync_api import expect
+    expect(nav.get_by_role("link")).to_have_count(1)
+    assert nav.get_by_role("link").inner_text() == "Tell me a fruit fact about bananas"
+    assert "berries" in nav.locator(".match").inner_text().lower()
+    search.fill("no such text anywhere")
+    expect(nav.get_by_role("link")).to_have_count(0)
+    assert page.get_by_text("No conversation matches.").is_visible()
+    search.fill("")
+    expect(nav.get_by_role("link")).to_have_count(2)
+
+    nav.get_by_role("link", name="Tell me a fruit fact about bananas").click()
+    page.wait_for_function(f"() => location.hash === '#/c/{cid}'")
+    page.get_by_role("button", name="Rename").click()
+    page.get_by_role("textbox", name="Conversation title").fill("Banana facts")
+    page.get_by_role("button", name="Save title").click()
+    expect(nav.get_by_role("link", name="Banana facts")).to_have_count(1)
+    assert page.get_by_role("heading", name="Banana facts").is_visible()
+    assert stored(srv, cid)["title"] == "Banana facts"
+
+    page.get_by_role("button", name="Delete").click()
+    page.get_by_role("button", name="Confirm delete").click()               # two clicks: no accidental loss
+    expect(nav.get_by_role("link", name="Banana facts")).to_have_count(0)
+    assert stored(srv, cid)["error"]["code"] == "conversation_not_found"
+    assert page.locator("article[data-role]").count() == 0
+    assert page.get_by_role("heading", name="New chat").is_visible()
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -306,7 +354,11 @@ def test_citations_and_guard_verdicts(page, srv):
     cites = [{"n": 1, "source": "handbook.md", "heading": "Install", "text": "Install with pip install foo.",
               "chunk_id": "c1"},
              {"n": 2, "source": "faq.md", "heading": None, "text": "Foo needs Python 3.10.", "chunk_id": "c7"}]
-    guard = {"input": {"safe": True, "categories": []}, "output": {"safe": False, "categories": ["S2"]}}
+    # The safety stages' shape: Result.extra["guard"] = {"input", "output", "code", "injection"}.
+    guard = {"input": {"safe": True, "categories": [], "score": 0.01},
+             "output": {"safe": False, "categories": ["S2"], "score": 0.93},
+             "code": {"verdict": "warn", "findings": [{"cwe": "CWE-78", "line": 2, "rule": "py-shell",
+                                                       "severity": "warning", "message": "shell=True"}]}}
     seen = []
     script_chat(page, sse("Install it with pip [1]; it needs Python 3.10 [2]. See [3].",
                           extras={"citations": cites, "guard": guard}, finish="content_filter"), seen)
@@ -320,7 +372,8 @@ def test_citations_and_guard_verdicts(page, srv):
     ref.click()
     assert art.get_by_text("Install with pip install foo.").is_visible()
     assert art.get_by_role("button", name="[2] faq.md").get_attribute("aria-expanded") == "false"
-    assert "output: unsafe (S2)" in art.locator(".msg-guard summary").inner_text()
+    summary = art.locator(".msg-guard summary").inner_text()
+    assert "input: safe" in summary and "output: unsafe (S2)" in summary and "code: warn (1 finding)" in summary
     assert art.get_by_text("Blocked by a safety guard.").is_visible()
     shot(page, "citations-guard")
     page.reload()
@@ -435,6 +488,9 @@ def test_phone_layout_dark_theme_and_keyboard(browser, srv):
     bg = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert bg == "rgb(21, 23, 26)"                                           # the dark theme followed the system
     shot(page, "chat-phone-dark")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.get_by_role("button", name="Copy js code").click()
+    assert page.evaluate("() => navigator.clipboard.readText()") == "console.log('hi')\n"
     page.get_by_role("button", name="Show conversations").click()
     expect(nav).to_be_in_viewport()
     assert nav.get_by_role("link").count() >= 1

@@ -33,8 +33,9 @@ function guardSummary(guard) {
       const cats = Array.isArray(v.categories) ? v.categories
         : v.categories && typeof v.categories === "object" ? Object.keys(v.categories) : [];
       verdicts.push(`${where ? where + ": " : ""}${v.safe ? "safe" : "unsafe"}${cats.length ? " (" + cats.join(", ") + ")" : ""}`);
-    } else if (typeof v.verdict === "string") {
-      verdicts.push(`${where ? where + ": " : ""}${v.verdict}`);
+    } else if (typeof v.verdict === "string") {   // the code scanner: block | warn | pass, with findings
+      const n = Array.isArray(v.findings) ? v.findings.length : 0;
+      verdicts.push(`${where ? where + ": " : ""}${v.verdict}${n ? ` (${n} finding${n > 1 ? "s" : ""})` : ""}`);
     } else {
       for (const [k, sub] of Object.entries(v)) if (sub && typeof sub === "object" && !Array.isArray(sub)) visit(sub, k);
     }

@@ -88,7 +88,7 @@ export class RagPanel {
         this.status(`Uploading ${f.name} (${i + 1}/${files.length})…`);
         try {
           const rep = await request(`${BASE}/${encodeURIComponent(name)}/documents?filename=${encodeURIComponent(f.name)}`,
-            { method: "POST", data: f, contentType: f.type || "application/octet-stream" });
+            { method: "POST", data: f, contentType: "application/octet-stream" });   // raw bytes; the name says the type
           chunks += rep.chunks || 0;
           for (const err of rep.errors || []) problems.push(typeof err === "string" ? err
             : err && err.source ? `${err.source}: ${err.error}` : JSON.stringify(err));
