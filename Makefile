@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean peers
+.PHONY: run test install bench clean peers webui test-browser
 
 $(STAMP): pyproject.toml scripts/fetch_test_assets.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,7 +23,20 @@ run: $(STAMP)
 	$(VENV)/bin/llamaforge run smollm2
 
 test: $(STAMP)
-	$(VPY) -m pytest -q -m "not slow and not gpu and not peer" -p no:cacheprovider
+	$(VPY) -m pytest -q -m "not slow and not gpu and not peer and not browser" -p no:cacheprovider
+
+# The web page in a real browser: Playwright (pinned in the [browser] extra) driving Debian's chromium.
+# Installs chromium with apt when it is missing (needs root), which `make test` must not do.
+CHROMIUM ?= /usr/bin/chromium
+test-browser: $(STAMP)
+	test -x $(CHROMIUM) || (apt-get update -q && apt-get install -y -q chromium)
+	$(VPY) -m pip install -q -e '.[browser]'
+	LLAMAFORGE_CHROMIUM=$(CHROMIUM) $(VPY) -m pytest -q -m browser -p no:cacheprovider tests/test_webui_browser.py
+
+# Re-copy the web page's front-end libraries from npm (versions in webui/package-lock.json). Only when asked:
+# the copies are committed, so nothing else needs npm.
+webui:
+	$(PY) scripts/build_webui.py
 
 bench: $(STAMP)
 	$(VPY) bench/run.py

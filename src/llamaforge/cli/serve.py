@@ -19,9 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default 127.0.0.1; anything else exposes the server to the network)")
     p.add_argument("--port", type=int, default=11435, help="port (default 11435)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health (visible in `ps`: prefer "
-                        "--api-key-file or the environment variable LLAMAFORGE_API_KEY)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health; repeat for several users, "
+                        "each with its own web UI conversations (visible in `ps`: prefer --api-key-file or the "
+                        "environment variable LLAMAFORGE_API_KEY)")
     p.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="read the API key from the first line of FILE")
     p.add_argument("--max-connections", type=int, default=None,
@@ -87,6 +88,8 @@ def main(argv: list[str]) -> int:
         log.warning("binding %s exposes the server beyond this machine%s", args.host,
                     "" if api_key else "; set --api-key (or LLAMAFORGE_API_KEY) to require a key")
     _limit_threads()
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    log.info("web chat page: http://%s:%d/ui", f"[{shown}]" if ":" in shown else shown, args.port)
     try:
         server = make_server(create_app(config), args.host, args.port, log_level=args.log_level)
         server.run()
@@ -97,8 +100,9 @@ def main(argv: list[str]) -> int:
     return 0 if getattr(server, "started", True) else 1
 
 
-def _api_key(args) -> str | None:
-    """--api-key, else the first line of --api-key-file, else LLAMAFORGE_API_KEY (None: no key)."""
+def _api_key(args) -> str | list[str] | None:
+    """--api-key (repeatable: several keys, several web UI users), else the first line of --api-key-file, else
+    LLAMAFORGE_API_KEY (None: no key). One key comes back as a string, several as a list."""
     if args.api_key and args.api_key_file:
         raise LlamaforgeError("give --api-key or --api-key-file, not both")
     if args.api_key_file:
@@ -108,7 +112,10 @@ def _api_key(args) -> str | None:
         if not key:
             raise LlamaforgeError(f"the API key file {args.api_key_file} is empty")
         return key
-    return args.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
+    keys = [k for k in (args.api_key or []) if k]
+    if len(keys) > 1:
+        return keys
+    return (keys[0] if keys else None) or os.environ.get("LLAMAFORGE_API_KEY") or None
 
 
 def _limit_threads() -> None:

@@ -40,7 +40,7 @@ class ServerConfig:
     models: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    api_key: str | None = None
+    api_key: str | list[str] | None = None   # several keys: several users (their own web UI conversations)
     max_batch: int = 8
     max_queue: int = 64
     ctx: int | None = None                 # per-request context window (KV cache rows); None = engine default
@@ -103,7 +103,9 @@ def create_app(config: ServerConfig | None = None, *, preloaded: dict[str, Any] 
     from .ollama_admin import router as ollama_admin_router
     from .ollama_routes import router as ollama_router
     from .openai_routes import router as openai_router
+    from .ui_routes import router as ui_router
     app.include_router(openai_router)
+    app.include_router(ui_router)  # the web chat page at /ui and its conversation store
     app.include_router(ollama_router)
     app.include_router(ollama_admin_router)
     _add_basic_routes(app, state)

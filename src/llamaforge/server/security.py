@@ -7,9 +7,10 @@ In order, for every HTTP request:
    Access-Control-Request-Method) is answered 204 with the Access-Control-Allow-* headers, before any API key
    is asked for (browsers never send credentials on a preflight); responses to allowed cross-origin requests
    carry Access-Control-Allow-Origin.
-3. API key (when configured): every route but /health needs `Authorization: Bearer KEY` (what the OpenAI and
-   Ollama clients send) or `X-API-Key: KEY` -> else 401. Keys are compared as UTF-8 bytes, so a non-ASCII key
-   works.
+3. API key (when configured; one or several): every route but /health and the web UI's static page (/ui,
+   /ui/static/*: no data, and a browser cannot attach a key to a page load) needs `Authorization: Bearer KEY`
+   (what the OpenAI and Ollama clients send) or `X-API-Key: KEY` -> else 401. Keys are compared as UTF-8
+   bytes, so a non-ASCII key works. With several keys, each is its own user of the web UI's conversations.
 4. Body size limit: Content-Length over the limit, or a chunked body that grows past it -> 413.
 """
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Iterable
 from urllib.parse import urlsplit
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
-CORS_METHODS = b"GET, POST, DELETE, OPTIONS"
+CORS_METHODS = b"GET, POST, PATCH, DELETE, OPTIONS"
 CORS_HEADERS = b"authorization, content-type, x-api-key"
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/ui", "/ui/"})
+PUBLIC_PREFIXES = ("/ui/static/",)   # the web UI's scripts and styles (its data routes, /ui/api/..., need the key)
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 
@@ -61,12 +63,32 @@ def error_body(path: str, status: int, message: str, type_: str, code: str | Non
     return json.dumps(body).encode()
 
 
+def presented_key(headers: dict[str, str]) -> bytes | None:
+    """The key a request carries (`Authorization: Bearer KEY` or `X-API-Key: KEY`; lower-case header names), as
+    bytes: ASGI hands header bytes over as latin-1 text, and keys are compared as UTF-8 bytes."""
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    elif "x-api-key" in headers:
+        given = headers["x-api-key"].strip()
+    else:
+        return None
+    return given.encode("latin-1", "replace")
+
+
+def _keys(api_key) -> tuple[bytes, ...]:
+    if not api_key:
+        return ()
+    keys = (api_key,) if isinstance(api_key, str) else tuple(api_key)
+    return tuple(k.encode("utf-8") for k in keys if k)
+
+
 class SecurityMiddleware:
-    def __init__(self, app, *, api_key: str | None = None, loopback_only: bool = True,
+    def __init__(self, app, *, api_key: str | Iterable[str] | None = None, loopback_only: bool = True,
                  allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                  max_body: int = DEFAULT_MAX_BODY, on_reject=None):
         self.app = app
-        self.api_key = api_key or None
+        self.api_keys = _keys(api_key)
         self.loopback_only = loopback_only
         self.allowed_hosts = {h.lower() for h in allowed_hosts}
         self.allowed_origins = {o.rstrip("/").lower() for o in allowed_origins}
@@ -137,17 +159,11 @@ class SecurityMiddleware:
             "permission_error", "forbidden_origin"
 
     def _check_key(self, path, headers):
-        if self.api_key is None or path in PUBLIC_PATHS:
+        if not self.api_keys or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return None
-        given = None
-        auth = headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        elif "x-api-key" in headers:
-            given = headers["x-api-key"].strip()
-        # ASGI hands header bytes over as latin-1 text: back to bytes, compared with the key's UTF-8 bytes.
-        if given is not None and hmac.compare_digest(given.encode("latin-1", "replace"),
-                                                     self.api_key.encode("utf-8")):
+        given = presented_key(headers)
+        # Compared with every key (no early exit), so timing does not tell which key nearly matched.
+        if given is not None and sum(hmac.compare_digest(given, k) for k in self.api_keys):
             return None
         why = "missing API key" if given is None else "invalid API key"
         return 401, f"{why}: send 'Authorization: Bearer <key>'", "authentication_error", "invalid_api_key"
