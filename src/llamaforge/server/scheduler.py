@@ -198,8 +198,10 @@ class Scheduler:
             events = self.engine.step()
         except Exception as e:  # a bug or OOM inside the model must not kill the server
             log.exception("engine step failed; failing its requests and starting a fresh engine")
-            self._end_all(ERROR, f"generation failed: {type(e).__name__}: {e}")
-            self.engine = self._engine_factory(self.lm, max_batch=self.max_batch, max_seq_len=self.max_seq_len)
+            # The fresh engine is in place before anyone hears of the failure: a client that retries at once
+            # must reach it, not the broken engine that is about to be dropped.
+            fresh = self._engine_factory(self.lm, max_batch=self.max_batch, max_seq_len=self.max_seq_len)
+            self._end_all(ERROR, f"generation failed: {type(e).__name__}: {e}", replace_engine=fresh)
             return
         self.steps += 1
         if self.metrics and batch:
@@ -236,13 +238,16 @@ class Scheduler:
                             "first_step": stream.first_step, "cancel_step": stream.cancel_step,
                             "tokens": getattr(req, "completion_tokens", 0)})
 
-    def _end_all(self, reason: str, message: str) -> None:
-        with self._lock:
+    def _end_all(self, reason: str, message: str, replace_engine: Any = None) -> None:
+        with self._lock:  # submit() adds under this lock: a request is either ended here or on the new engine
+            engine = self.engine
+            if replace_engine is not None:
+                self.engine = replace_engine
             live, self._live = list(self._live), set()
             jobs, self._jobs = self._jobs, []
         by_loop: dict = {}
         for req in live:
-            self.engine.cancel(req)
+            engine.cancel(req)
             stream: Stream = req.user_data
             if stream is None or stream.finished:
                 continue
