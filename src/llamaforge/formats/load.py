@@ -12,9 +12,9 @@ from typing import Mapping
 
 import torch
 
-from ..api import LoadedModel
 from ..config import ModelConfig
 from ..errors import InvalidRequestError, ModelFormatError
+from .loaded import LoadedModel
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
