@@ -131,12 +131,12 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
         metadata["chat_template"] = getattr(tokenizer, "chat_template", None)
     try:
         if fmt == "gguf" and quant in ("q4", "int8"):
-            from ..model.quant import load_gguf_quantized
+            from .packed import load_gguf_quantized
             model = load_gguf_quantized(gguf_file, config, quant, device)
         else:
             model = build_model(config, sd, path, device=device)
             if quant is not None:
-                model = _quantize(model, quant, gguf_file)
+                model = _quantize(model, quant)
     except ModelFormatError as e:
         if e.path is None:  # raised below the file level: say which file it was
             raise ModelFormatError(path, e.reason) from None
@@ -176,13 +176,13 @@ def _dir_tokenizer(path: Path):
     return load_tokenizer(path)
 
 
-def _quantize(model, quant, gguf_file):
+def _quantize(model, quant):
     try:
         from ..model.quant import quantize_model
     except ImportError:
         warnings.warn(f"quant={quant!r} ignored: llamaforge.model.quant is not available", stacklevel=3)
         return model
-    out = quantize_model(model, quant, gguf=gguf_file)
+    out = quantize_model(model, quant)
     return model if out is None else out
 
 
