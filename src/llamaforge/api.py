@@ -46,7 +46,7 @@ class LoadedModel(_LoadedModel):
 
     def attach_compiled(self, build_missing: bool | str = "background"):
         """Give this model its compiled decode step (`generate.compiled.attach`); returns it or None."""
-        from .model.aot import attach
+        from .generate.compiled import attach
         return attach(self, build_missing=build_missing)
 
 

@@ -183,7 +183,7 @@ def _io(what: str):
         raise StoreError(f"{what}: {e.strerror or e}") from None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -257,7 +257,7 @@ class Store:
         if self.root.is_dir():
             for p in self.root.glob(".download.*"):
                 m = re.match(r"\.download\.(\d+)\.", p.name)
-                if m and not _pid_alive(int(m.group(1))):
+                if m and not pid_alive(int(m.group(1))):
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
         for top in (self.manifests, self.blobs, self.trees):
@@ -273,7 +273,7 @@ class Store:
                         stale = now - p.lstat().st_mtime > _STALE_SECONDS
                     except OSError:
                         continue
-                    if _pid_alive(int(m.group(1))) and not stale:
+                    if pid_alive(int(m.group(1))) and not stale:
                         continue
                     with contextlib.suppress(OSError):
                         if p.is_dir() and not p.is_symlink():
