@@ -1,8 +1,9 @@
 """`load_model(path)`: sniff the format, build the model on the meta device, assign the real tensors.
 
-Formats: a GGUF file (magic bytes), a Hugging Face directory (`config.json` + safetensors), a Meta directory
-(`params.json` + `consolidated.*.pth`). Building on `meta` and `load_state_dict(assign=True)` means the only
-full copy of the weights in memory is the one the loader produced (gpt-fast does the same).
+Formats (told apart by `formats.sniff`): a GGUF file (magic bytes), a Hugging Face directory (`config.json` +
+safetensors), a Meta directory (`params.json` + `consolidated.*.pth`). Building on `meta` and
+`load_state_dict(assign=True)` means the only full copy of the weights in memory is the one the loader produced
+(gpt-fast does the same).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import InvalidRequestError, ModelFormatError
 from .loaded import LoadedModel
+from .sniff import detect_format
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
@@ -36,26 +38,6 @@ def resolve_dtype(dtype) -> torch.dtype:
     elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     raise InvalidRequestError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16", field="dtype")
-
-
-def detect_format(path: Path) -> str:
-    """"gguf", "hf" or "meta"; ModelFormatError if `path` is none of them."""
-    from .gguf import is_gguf
-    if not path.exists():
-        raise ModelFormatError(path, "no such file or directory")
-    if path.is_file():
-        if is_gguf(path):
-            return "gguf"
-        raise ModelFormatError(path, "not a GGUF file (bad magic) and not a model directory")
-    if (path / "config.json").is_file():
-        return "hf"
-    if (path / "params.json").is_file():
-        return "meta"
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return "gguf-dir"
-    raise ModelFormatError(path, "not a model directory: expected config.json (Hugging Face), params.json (Meta) "
-                                 "or a single .gguf file")
 
 
 def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], path, *,
@@ -95,11 +77,8 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
     """
     if kw:
         raise TypeError(f"load_model() got unexpected keyword arguments: {', '.join(sorted(kw))}")
-    path = Path(path)
     dt = resolve_dtype(dtype)
-    fmt = detect_format(path)
-    if fmt == "gguf-dir":
-        path, fmt = sorted(path.glob("*.gguf"))[0], "gguf"
+    fmt, path = detect_format(path)
     gguf_file = None
     if fmt == "gguf":
         from .gguf import file_type_name, gguf_config, iter_gguf_state_dict, read_gguf
