@@ -167,7 +167,7 @@ def load_hf(dirpath, dtype: torch.dtype = torch.float32):
         raise ModelFormatError(dirpath, "missing tensor 'lm_head.weight' and tie_word_embeddings is false")
     stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     file_type = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(str(stored), str(stored).upper())
-    metadata = {"format": "hf", "file_type": file_type, "license": _license(dirpath),
+    metadata = {"format": "hf", "file_type": file_type, "license": model_card_license(dirpath),
                 "chat_template": _chat_template(dirpath)}
     return config, sd, metadata
 
@@ -186,13 +186,14 @@ def _chat_template(dirpath: Path):
     return None
 
 
-def _license(dirpath: Path):
-    # Model cards start with YAML front matter; `license: xyz` is all we need from it.
-    readme = dirpath / "README.md"
+def model_card_license(dirpath: Path) -> str | None:
+    """The `license:` of a Hugging Face model card's YAML front matter (README.md), or None."""
+    readme = Path(dirpath) / "README.md"
     if not readme.is_file():
         return None
     try:
-        text = readme.read_text(encoding="utf-8", errors="replace")[:4096]
+        with open(readme, "rb") as f:   # the front matter is at the top: 4 KiB bound the read
+            text = f.read(4096).decode("utf-8", errors="replace")
     except OSError:
         return None
     if text.startswith("---"):
