@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
-from .._fs import atomic_dir
+from .._fs import atomic_dir, chmod_as_created
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the safetensors library's own limit
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -227,6 +227,7 @@ def save_hf(dirpath, config: ModelConfig, state_dict: Mapping[str, torch.Tensor]
         hf_cfg["torch_dtype"] = str(first.dtype).removeprefix("torch.")
     with atomic_dir(dirpath) as tmp:
         save_file(tensors, str(tmp / SINGLE_NAME), metadata={"format": "pt"})
+        chmod_as_created(tmp / SINGLE_NAME)   # safetensors writes 0600; outputs honour the umask
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
         for name, data in _tokenizer_items(tokenizer_files):
             if Path(name).name != name or name in ("", ".", ".."):
