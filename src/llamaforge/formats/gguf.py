@@ -18,8 +18,11 @@ import numpy as np
 import torch
 
 from ..errors import ModelFormatError
-from ..gguf_header import GGUFHeader, is_gguf, read_header  # noqa: F401  (is_gguf: re-exported)
-from .gguf_names import gguf_to_hf_name, hf_to_gguf_name  # noqa: F401  (re-exported: the names table)
+from ..gguf_header import GGUFHeader, is_gguf, read_header
+from .gguf_names import gguf_to_hf_name, hf_to_gguf_name
+
+__all__ = ["GGUFFile", "TensorInfo", "TENSOR_TYPES", "FILE_TYPES", "read_gguf", "is_gguf", "gguf_config",
+           "iter_gguf_state_dict", "file_type_name", "gguf_to_hf_name", "hf_to_gguf_name", "write_gguf"]
 
 # ggml tensor types we can turn into floats: id -> (name, elements per block, bytes per block).
 TENSOR_TYPES = {
@@ -213,13 +216,6 @@ def iter_gguf_state_dict(gf: GGUFFile, config, dtype: torch.dtype = torch.float3
             from ..model.rope import unpermute_qk
             t = unpermute_qk(t, n)
         yield hf, t.to(dtype)
-
-
-def load_gguf_state_dict(path_or_file, dtype: torch.dtype = torch.float32):
-    """(ModelConfig, state_dict with HF names) from a GGUF file; weights dequantized to `dtype`."""
-    gf = path_or_file if isinstance(path_or_file, GGUFFile) else read_gguf(path_or_file)
-    config = gguf_config(gf)
-    return config, dict(iter_gguf_state_dict(gf, config, dtype))
 
 
 # llama.cpp's `llama_ftype` values (general.file_type) -> names; a table here rather than importing the `gguf`

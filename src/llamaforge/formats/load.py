@@ -7,7 +7,6 @@ safetensors), a Meta directory (`params.json` + `consolidated.*.pth`). Building 
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -23,7 +22,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
 }
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tensors some checkpoints carry that hold no weights (old HF Llama exports saved the rotary table).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -33,7 +32,7 @@ def resolve_dtype(dtype) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPE_NAMES:
+        if dtype in _SUPPORTED_DTYPES:
             return dtype
     elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
@@ -115,7 +114,8 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
         else:
             model = build_model(config, sd, path, device=device)
             if quant is not None:
-                model = _quantize(model, quant)
+                from ..model.quant import quantize_model
+                model = quantize_model(model, quant)
     except ModelFormatError as e:
         if e.path is None:  # raised below the file level: say which file it was
             raise ModelFormatError(path, e.reason) from None
@@ -127,19 +127,10 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
 
 
 def _gguf_tokenizer(meta: dict, path: Path):
-    try:
-        from ..tokenizer import load as tl
-    except ImportError:  # tokenizer package not available in this build
-        return None
-    fn = getattr(tl, "tokenizer_from_gguf_metadata", None) or getattr(tl, "tokenizer_from_gguf_fields", None)
-    if fn is None:
-        return None
     if "tokenizer.ggml.model" not in meta:
         return None  # a weights-only GGUF (e.g. a test model) has no vocabulary
-    try:
-        return fn(meta, path)
-    except TypeError:
-        return fn(meta)
+    from ..tokenizer.load import tokenizer_from_gguf_metadata
+    return tokenizer_from_gguf_metadata(meta, path)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
@@ -148,22 +139,5 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.mod
 def _dir_tokenizer(path: Path):
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         return None  # weights-only directory (e.g. a test model): no tokenizer rather than an error
-    try:
-        from ..tokenizer.load import load_tokenizer
-    except ImportError:
-        return None
+    from ..tokenizer.load import load_tokenizer
     return load_tokenizer(path)
-
-
-def _quantize(model, quant):
-    try:
-        from ..model.quant import quantize_model
-    except ImportError:
-        warnings.warn(f"quant={quant!r} ignored: llamaforge.model.quant is not available", stacklevel=3)
-        return model
-    out = quantize_model(model, quant)
-    return model if out is None else out
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.").upper())

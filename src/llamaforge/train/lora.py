@@ -14,7 +14,6 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -123,11 +122,10 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules=DEFAULT_TARGETS, *, quantize_base: bool = False, use_rslora: bool = False,
-               freeze_base: bool = True) -> list[str]:
+               target_modules=DEFAULT_TARGETS, *, use_rslora: bool = False, freeze_base: bool = True) -> list[str]:
     """Wrap every targeted linear layer of `model` with LoRALinear; returns the wrapped module names.
 
-    quantize_base: store the wrapped bases in NF4 first (QLoRA). Untargeted parameters are frozen.
+    Untargeted parameters are frozen. For QLoRA the bases are NF4Linear already (the trainer converts them).
     """
     if freeze_base:
         for p in model.parameters():
@@ -144,8 +142,6 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
                                   "embeddings. Leave it out of the target modules.", field="target_modules")
     for n in names:
         base = model.get_submodule(n)
-        if quantize_base and isinstance(base, nn.Linear):
-            base = NF4Linear.from_linear(base)
         _set_module(model, n, LoRALinear.from_base(base, r, alpha, dropout, use_rslora))
     return names
 
@@ -222,8 +218,7 @@ def _module_name(key: str, path) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def load_adapter(model: nn.Module, adapter_dir, *, dropout: float | None = None,
-                 quantize_base: bool = False) -> list[str]:
+def load_adapter(model: nn.Module, adapter_dir, *, dropout: float | None = None) -> list[str]:
     """Wrap `model`'s layers as the adapter says and load its weights; returns the wrapped module names."""
     cfg = read_adapter_config(adapter_dir)
     tensors = read_adapter_tensors(adapter_dir)
@@ -252,8 +247,6 @@ def load_adapter(model: nn.Module, adapter_dir, *, dropout: float | None = None,
     for name, ab in pairs.items():
         cur = model.get_submodule(name)
         base = cur.base if isinstance(cur, LoRALinear) else cur
-        if quantize_base and isinstance(base, nn.Linear):
-            base = NF4Linear.from_linear(base)
         r = _pattern(rank_pat, name, cfg["r"])
         alpha = _pattern(alpha_pat, name, cfg.get("lora_alpha", 8))
         p = cfg.get("lora_dropout", 0.0) if dropout is None else dropout
@@ -290,7 +283,3 @@ def apply_adapter(lm, adapter_dir, *, merge: bool = True):
         lm.metadata["adapter"] = str(adapter_dir)
     model.eval()
     return lm
-
-
-def trainable_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
