@@ -24,8 +24,6 @@ from .names import DEFAULT_NAMESPACE, DEFAULT_TAG, ModelName, default_name_for, 
 from .options import OPTION_ALIASES, params_to_options, parse_param, validate_options, validate_template
 from .sources import BUILTINS, builtin_path, model_dir_files
 
-_looks_like_model_path = looks_like_model_path   # the name server/ollama_routes.py imports
-
 __all__ = ["Store", "BlobStore", "resolve", "home", "pid_alive", "CHUNK", "SCHEMA_VERSION", "ModelEntry", "Resolved",
            "manifest_id", "manifest_size", "DEFAULT_NAMESPACE", "DEFAULT_TAG", "ModelName", "default_name_for",
            "looks_like_model_path", "parse_name", "OPTION_ALIASES", "params_to_options", "parse_param",
