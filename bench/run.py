@@ -49,8 +49,8 @@ class LlamaforgeRunner:
         import torch
         torch.set_num_threads(threads)
         import llamaforge
-        from llamaforge.model import aot
-        self.torch, self.aot = torch, aot
+        from llamaforge.generate import compiled
+        self.torch, self.compiled = torch, compiled
         with Timer() as t:
             kw = {"dtype": "float32"} if quant == "none" else {"quant": quant}
             self.lm = llamaforge.load(str(path), compile=compiled and "auto", **kw)
@@ -70,7 +70,7 @@ class LlamaforgeRunner:
 
     def step(self, tok):
         with self.torch.inference_mode():  # what the engine does for one stream
-            logits = self.aot.decode_one(self.lm, tok, self.cache, self.pos)
+            logits = self.compiled.decode_one(self.lm, tok, self.cache, self.pos)
         self.pos += 1
         return int(logits.argmax())
 

@@ -1,4 +1,5 @@
-"""The AOT-compiled decode step (model/aot.py) against the eager model it is traced from, on real SmolLM2 Q4_1.
+"""The AOT-compiled decode step (model/aot.py; its cache and builder: generate/compiled.py) against the eager
+model it is traced from, on real SmolLM2 Q4_1.
 
 One build (~60 s on two cores) is shared by the module; everything else reuses it.
 """
@@ -15,6 +16,7 @@ import torch
 
 import llamaforge
 from llamaforge.errors import CompileError
+from llamaforge.generate import compiled
 from llamaforge.generate.engine import BatchEngine
 from llamaforge.generate.sampling import SamplingParams
 from llamaforge.model import aot
@@ -162,7 +164,7 @@ def test_other_rows_of_a_shared_cache(lm):
         _prefill(lm, ids, c, row=2)
     snapshot = [t[:2].clone() for t in cache.v]
     tok = 13
-    a, b = _eager(lm, tok, ref, len(ids), row=2), aot.decode_one(lm, tok, cache, len(ids), row=2)
+    a, b = _eager(lm, tok, ref, len(ids), row=2), compiled.decode_one(lm, tok, cache, len(ids), row=2)
     assert int(a.argmax()) == int(b.argmax())
     assert all(torch.equal(t[:2], s) for t, s in zip(cache.v, snapshot))
 
@@ -176,27 +178,27 @@ def test_bad_positions_are_refused(lm):
 
 def test_artifact_key_follows_what_the_code_depends_on(lm):
     m = lm.model
-    p = aot.artifact_path(m, torch.bfloat16)
+    p = compiled.artifact_path(m, torch.bfloat16)
     assert p.exists() and p.parent == Path(os.environ["LLAMAFORGE_HOME"]) / "compiled"
-    assert aot.artifact_path(m, torch.float32) != p               # cache dtype
+    assert compiled.artifact_path(m, torch.float32) != p          # cache dtype
     threads = torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
-        assert aot.artifact_path(m, torch.bfloat16) != p          # baked OpenMP thread count
+        assert compiled.artifact_path(m, torch.bfloat16) != p     # baked OpenMP thread count
     finally:
         torch.set_num_threads(threads)
 
 
 def test_corrupt_artifact_falls_back_to_eager(lm, smollm2_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMAFORGE_HOME", str(tmp_path))
-    path = aot.artifact_path(lm.model, lm.model.kv_dtype)
+    path = compiled.artifact_path(lm.model, lm.model.kv_dtype)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"PK\x03\x04 not really a package")
     other = llamaforge.load(str(smollm2_gguf), compile="auto")
     assert other.compiled is None and not path.exists()            # dropped, so a later build can replace it
     cache = other.model.new_cache(1, 32)
     _prefill(other, [1, 2, 3], cache)
-    assert aot.decode_one(other, 5, cache, 3).shape == (other.config.vocab_size,)
+    assert compiled.decode_one(other, 5, cache, 3).shape == (other.config.vocab_size,)
 
 
 def test_background_build_is_started_once(lm, smollm2_gguf, tmp_path, monkeypatch):
@@ -208,20 +210,21 @@ def test_background_build_is_started_once(lm, smollm2_gguf, tmp_path, monkeypatc
             started.append(cmd)
             self.pid = os.getpid()  # alive: the lock stays valid
 
-    monkeypatch.setattr(aot.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(compiled.subprocess, "Popen", FakePopen)
     for _ in range(2):
         other = llamaforge.load(str(smollm2_gguf))
         assert other.compiled is None
     assert len(started) == 1
     cmd = started[0]
-    assert cmd[1:3] == ["-m", "llamaforge.model.aot"] and "--out" in cmd and cmd[cmd.index("--quant") + 1] == "q4"
+    assert cmd[1:4] == ["-m", "llamaforge.cli.compile", "--build-step"]
+    assert "--out" in cmd and cmd[cmd.index("--quant") + 1] == "q4"
     # When the artifact lands, the waiting model picks it up (polling is rate-limited: force the next check).
     dst = Path(cmd[cmd.index("--out") + 1])
     assert dst.parent == tmp_path / "compiled" and dst.name == Path(lm.compiled.path).name
-    assert aot.current(other) is None
+    assert compiled.current(other) is None
     dst.write_bytes(Path(lm.compiled.path).read_bytes())
     other._compiled_pending[1] = 0
-    assert aot.current(other) is not None
+    assert compiled.current(other) is not None
 
 
 def test_disabled_by_environment(smollm2_gguf, monkeypatch):
@@ -239,11 +242,11 @@ def test_dense_models_are_not_compiled(tmp_path):
 
 def test_the_serving_process_does_not_import_the_compiler(lm, smollm2_gguf, home):
     """Loading and running the compiled step needs only torch's C++ runner: no dynamo/inductor (+150 MB)."""
-    code = ("import sys, torch, llamaforge; from llamaforge.model import aot\n"
+    code = ("import sys, torch, llamaforge; from llamaforge.generate import compiled\n"
             f"lm = llamaforge.load({str(smollm2_gguf)!r})\n"
             "assert lm.compiled is not None\n"
             "c = lm.model.new_cache(1, 16); lm.model(torch.tensor([[1, 2]]), cache=c, input_pos=0)\n"
-            "aot.decode_one(lm, 3, c, 2)\n"
+            "compiled.decode_one(lm, 3, c, 2)\n"
             "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor', 'sympy'))))")
     env = dict(os.environ, LLAMAFORGE_HOME=str(home), LLAMAFORGE_COMPILE="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -275,24 +278,24 @@ def test_old_artifacts_are_pruned(tmp_path):
     folder = tmp_path / "compiled"
     folder.mkdir()
     files = []
-    for i in range(aot.KEEP_ARTIFACTS + 3):
+    for i in range(compiled.KEEP_ARTIFACTS + 3):
         f = folder / f"decode-{i:04d}.pt2"
         f.write_bytes(b"x")
         os.utime(f, (1000 + i, 1000 + i))
         files.append(f)
     (folder / "decode-0000.log").write_text("old build log")
     keep = files[0]  # the one just built, even if its mtime is old
-    aot._prune(folder, keep=keep)
+    compiled._prune(folder, keep=keep)
     left = sorted(p.name for p in folder.glob("decode-*.pt2"))
-    assert len(left) == aot.KEEP_ARTIFACTS and keep.name in left
+    assert len(left) == compiled.KEEP_ARTIFACTS and keep.name in left
     assert files[-1].name in left and files[1].name not in left
 
 
 def test_a_failed_build_is_not_retried_in_the_background(lm, smollm2_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMAFORGE_HOME", str(tmp_path))
     started = []
-    monkeypatch.setattr(aot.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
-    path = aot.artifact_path(lm.model, lm.model.kv_dtype)
+    monkeypatch.setattr(compiled.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    path = compiled.artifact_path(lm.model, lm.model.kv_dtype)
     path.parent.mkdir(parents=True)
     path.with_suffix(".failed").write_text("CompileError: no compiler\n")
     assert llamaforge.load(str(smollm2_gguf)).compiled is None
@@ -301,14 +304,15 @@ def test_a_failed_build_is_not_retried_in_the_background(lm, smollm2_gguf, tmp_p
 
 def test_build_process_entry_point(lm, smollm2_gguf, tmp_path):
     env = dict(os.environ, LLAMAFORGE_HOME=str(tmp_path))
-    cached = subprocess.run([sys.executable, "-m", "llamaforge.model.aot", str(smollm2_gguf), "--out",
+    cached = subprocess.run([sys.executable, "-m", "llamaforge.cli.compile", "--build-step", str(smollm2_gguf), "--out",
                              lm.compiled.path], capture_output=True, text=True, env=env, timeout=120)
     assert cached.returncode == 0 and "(cached)" in cached.stdout
     out = tmp_path / "compiled" / "decode-x.pt2"
     out.parent.mkdir()
     lock = tmp_path / "compiled" / "decode-x.lock"
     lock.write_text("1")
-    bad = subprocess.run([sys.executable, "-m", "llamaforge.model.aot", str(tmp_path / "missing.gguf"), "--out",
+    bad = subprocess.run([sys.executable, "-m", "llamaforge.cli.compile", "--build-step",
+                          str(tmp_path / "missing.gguf"), "--out",
                           str(out), "--lock", str(lock), "--idle"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
@@ -332,7 +336,7 @@ def test_batched_step_matches_the_eager_batch(lm):
     for step in range(3):
         want = lm.model(torch.tensor(tokens)[:, None], cache=c_eager, input_pos=torch.tensor(positions),
                         rows=torch.tensor(rows), last_only=True)[:, -1]
-        got = aot.decode_batch(lm, tokens, c_aot, positions, rows)
+        got = compiled.decode_batch(lm, tokens, c_aot, positions, rows)
         assert got.shape == (3, lm.config.vocab_size)
         assert ((want - got).abs().amax(-1) < 0.05 * want.abs().amax(-1)).all()
         assert torch.equal(want.argmax(-1), got.argmax(-1))
@@ -347,7 +351,7 @@ def test_batched_step_matches_the_eager_batch(lm):
 @torch.inference_mode()
 def test_the_engine_decodes_a_full_batch_through_the_compiled_step(lm, monkeypatch):
     calls = []
-    real = aot.decode_batch
+    real = compiled.decode_batch
     monkeypatch.setattr(aot, "decode_batch", lambda *a: calls.append(len(a[1])) or real(*a))
     engine = BatchEngine(lm, max_batch=3, max_seq_len=128)
     reqs = [engine.add(lm.tokenizer.encode(p), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))

@@ -6,6 +6,7 @@ import torch
 
 from llamaforge.errors import InvalidRequestError, ModelFormatError
 from llamaforge.formats.gguf import read_gguf
+from llamaforge.formats import packed as P
 from llamaforge.model import quant as Q
 from conftest import make_tiny_hf
 
@@ -57,7 +58,7 @@ def test_gguf_q4_1_blocks_convert_exactly(smollm2_gguf):
     gf = read_gguf(smollm2_gguf)
     name = "blk.3.ffn_down.weight"
     assert gf.tensors[name].type_name == "Q4_1"
-    q, scale, zero = Q.int4_from_gguf(gf, name)
+    q, scale, zero = P.int4_from_gguf(gf, name)
     want = gf.dequantize(name, torch.float32)
     assert q.shape == want.shape
     # zero = m + 8 d rounds once in float32, hence the tiny tolerance.
@@ -66,7 +67,7 @@ def test_gguf_q4_1_blocks_convert_exactly(smollm2_gguf):
 
 def test_gguf_q8_0_to_int8_rows(smollm2_gguf):
     gf = read_gguf(smollm2_gguf)
-    q, s = Q.int8_from_gguf(gf, "token_embd.weight", rows_per_chunk=1000)  # chunking must not matter
+    q, s = P.int8_from_gguf(gf, "token_embd.weight", rows_per_chunk=1000)  # chunking must not matter
     want = gf.dequantize("token_embd.weight", torch.float32)
     assert q.shape == want.shape and q.dtype == torch.int8
     assert ((q.float() * s[:, None] - want).abs() <= s[:, None] / 2 + 1e-6).all()

@@ -69,6 +69,19 @@ def atomic_file(path) -> Iterator[Path]:
         raise
 
 
+def chmod_as_created(path) -> None:
+    """Give `path` the permissions a file made by a plain `open()` gets (0666 less the umask), for files written
+    by libraries that create them 0600 (safetensors' `save_file`). The mode is read off a fresh probe file in the
+    same directory: the umask cannot be read without changing it, which is not thread-safe."""
+    path = Path(path)
+    probe = temp_path(path.parent, path.name, "mode")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        os.chmod(path, os.stat(probe).st_mode & 0o777)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write `data` to `path` atomically."""
     path = Path(path)

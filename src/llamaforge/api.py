@@ -1,34 +1,29 @@
-"""Public Python API: `load()` and the `LoadedModel` it returns."""
+"""Public Python API: `load()` and the `LoadedModel` it returns.
+
+The format loaders (`formats.load.load_model`) return the plain `formats.loaded.LoadedModel`; this floor wraps it
+with what a user calls: generation (`generate/stream/chat`, the request seam in `llamaforge.generate`), adapters
+(`apply_adapter`) and the compiled decode step (`attach_compiled`).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import dataclasses
 
 import torch
 
-from .config import ModelConfig
+from .formats.loaded import LoadedModel as _LoadedModel
 
 
-@dataclass
-class LoadedModel:
-    """A model ready to use: architecture config, the nn.Module, its tokenizer and chat format.
+class LoadedModel(_LoadedModel):
+    """A model ready to use: `config`, `model` (the nn.Module), `tokenizer`, `path`, `name`, `metadata` (format
+    facts: file type / quantization, license, template...), `defaults` (from a store manifest: system prompt,
+    parameters, template, adapter) and `compiled` (the AOT-compiled decode step, when attached)."""
 
-    `defaults` holds per-model generation defaults (from a store manifest: system prompt, parameters).
-    """
-
-    config: ModelConfig
-    model: torch.nn.Module
-    tokenizer: Any = None          # llamaforge.tokenizer.base.Tokenizer
-    path: Path | None = None
-    name: str | None = None
-    metadata: dict = field(default_factory=dict)   # format facts: file type / quantization, license, template...
-    defaults: dict = field(default_factory=dict)   # {"system": str, "options": {...}, "template": str}
-    compiled: Any = None   # model.aot.CompiledDecoder: the AOT-compiled one-token decode step, when available
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    @classmethod
+    def wrap(cls, loaded: _LoadedModel) -> "LoadedModel":
+        """The same model (no copy) as the public class."""
+        if isinstance(loaded, cls):
+            return loaded
+        return cls(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(_LoadedModel)})
 
     # generate / stream / chat are implemented in llamaforge.generate (see there).
     def generate(self, prompt, **sampling):
@@ -43,6 +38,17 @@ class LoadedModel:
         from .generate.api import chat
         return chat(self, messages, stream=stream, **sampling)
 
+    def apply_adapter(self, adapter_dir, *, merge: bool = True) -> "LoadedModel":
+        """Put a PEFT LoRA adapter on this model (`train.lora.apply_adapter`); returns self."""
+        from .train.lora import apply_adapter
+        apply_adapter(self, adapter_dir, merge=merge)
+        return self
+
+    def attach_compiled(self, build_missing: bool | str = "background"):
+        """Give this model its compiled decode step (`generate.compiled.attach`); returns it or None."""
+        from .generate.compiled import attach
+        return attach(self, build_missing=build_missing)
+
 
 def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          quant: str | None = None, compile: bool | str = "auto", **kwargs) -> LoadedModel:
@@ -50,8 +56,8 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
 
     dtype: activation/weight dtype for dequantized weights (default float32 on CPU).
     quant: in-memory weight format for the fast path (see llamaforge.model.quant), None = the default.
-    compile: the AOT-compiled decode step (llamaforge.model.aot) for quantized CPU models: "auto" uses a cached
-        one and otherwise builds it in a background process for next time; True builds it now if missing
+    compile: the AOT-compiled decode step (llamaforge.generate.compiled) for quantized CPU models: "auto" uses a
+        cached one and otherwise builds it in a background process for next time; True builds it now if missing
         (30-120 s); False never uses it. LLAMAFORGE_COMPILE=0 turns it off.
     """
     from .formats.load import load_model
@@ -60,14 +66,12 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
     ref = path_or_name if isinstance(path_or_name, Resolved) else resolve(path_or_name)
     if quant is None and dtype is None and not (ref.defaults or {}).get("adapter"):
         quant = "auto"  # the fast in-memory format for this file (model.quant.default_quant); adapters need dense
-    lm = load_model(ref.path, dtype=dtype, device=device, quant=quant, **kwargs)
+    lm = LoadedModel.wrap(load_model(ref.path, dtype=dtype, device=device, quant=quant, **kwargs))
     lm.name = ref.name
     lm.defaults = dict(ref.defaults or {})
     if lm.defaults.get("adapter"):
         # A store model created with `--adapter`: a PEFT LoRA adapter directory applied on top of the base.
-        from .train.lora import apply_adapter
-        apply_adapter(lm, lm.defaults["adapter"])
+        lm.apply_adapter(lm.defaults["adapter"])
     if compile and (lm.metadata.get("quant") or "none") != "none":
-        from .model.aot import attach
-        attach(lm, build_missing=True if compile is True else "background")
+        lm.attach_compiled(build_missing=True if compile is True else "background")
     return lm

@@ -91,29 +91,21 @@ def _train(task: str, argv: list[str]) -> int:
 def _merge(argv: list[str]) -> int:
     from pathlib import Path
     args = _merge_parser().parse_args(argv)
+    from ..formats import convert
     from ..train.lora import LoRALinear, apply_adapter, merge_lora, read_adapter_config
     from ..train.trainer import load_base_model
-    read_adapter_config(args.adapter)  # fail before the slow model load
+    to = args.to or ("gguf" if args.out.endswith(".gguf") else "hf")
+    type_ = args.gguf_type if to == "gguf" else "f32"   # an HF output keeps the float32 the merge computed in
+    convert.check_output(args.out, to, type_, force=True)  # fail before the slow model load
+    read_adapter_config(args.adapter)
     lm = load_base_model(args.model)
     apply_adapter(lm, args.adapter, merge=True)
     if any(isinstance(m, LoRALinear) for m in lm.model.modules()):
         merge_lora(lm.model)  # quantized bases: dequantize and fold
-    to = args.to or ("gguf" if args.out.endswith(".gguf") else "hf")
-    if to == "gguf":
-        from ..formats.gguf import is_gguf, read_gguf, write_gguf
-        sd = {k: v.detach() for k, v in lm.model.state_dict().items()}
-        if lm.path is not None and Path(lm.path).is_file() and is_gguf(lm.path):
-            # Carry the base file's vocabulary and chat template over unchanged.
-            gf = read_gguf(lm.path)
-            tok_meta = {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}
-            types = {k: v for k, v in gf.value_types.items() if k in tok_meta}
-            gf.close()
-            write_gguf(Path(args.out), lm.config, sd, tok_meta, file_type=args.gguf_type, value_types=types)
-        else:
-            write_gguf(Path(args.out), lm.config, sd, file_type=args.gguf_type, tokenizer=lm.tokenizer)
-    else:
-        from ..train.strategies import save_full_model
-        save_full_model(lm.model, Path(args.out), lm)
+    sd = {k: v.detach() for k, v in lm.model.state_dict().items()}
+    # The base's tokenizer, chat template and license travel over, as in `llamaforge convert`.
+    source = convert.source_info(lm.path) if lm.path is not None else None
+    convert.write_model(Path(args.out), to, lm.config, sd, source, type_, force=True)
     print(f"merged {args.adapter} into {args.model}: {args.out} ({to})")
     return 0
 

@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import ModelFormatError, StoreError
+from .._fs import read_bounded
+from ..errors import LlamaforgeError, ModelFormatError, StoreError
 
 
 # ------------------------------------------------------------------------------------------------------ formatting
@@ -47,11 +48,10 @@ def _table(rows: list[list[str]]) -> str:
 # ------------------------------------------------------------------------------------------------------ inspection
 def inspect_model(path: Path) -> dict:
     """Architecture facts of a model file/directory without loading (GGUF: header only, no dequantization)."""
-    path = Path(path)
-    if path.is_file():
-        from ..formats.gguf import file_type_name, is_gguf, read_gguf
-        if not is_gguf(path):
-            raise ModelFormatError(path, "not a GGUF file")
+    from ..formats.sniff import detect_format
+    fmt, path = detect_format(path)
+    if fmt == "gguf":
+        from ..formats.gguf import file_type_name, read_gguf
         gf = read_gguf(path)
         try:
             meta = gf.metadata
@@ -68,17 +68,13 @@ def inspect_model(path: Path) -> dict:
                     "model_name": meta.get("general.name")}
         finally:
             gf.close()
-    if (path / "config.json").is_file():
-        return _inspect_hf(path)
-    if (path / "params.json").is_file():
-        return _inspect_meta(path)
-    raise ModelFormatError(path, "not a GGUF file or a model directory")
+    return _inspect_hf(path) if fmt == "hf" else _inspect_meta(path)
 
 
 def _read_json(p: Path) -> dict:
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+        d = json.loads(read_bounded(p, 16 << 20, p.name))   # a config file, not weights
+    except (LlamaforgeError, UnicodeDecodeError, ValueError) as e:
         raise ModelFormatError(p, f"unreadable JSON: {e}") from None
     if not isinstance(d, dict):
         raise ModelFormatError(p, "not a JSON object")
@@ -99,14 +95,12 @@ def _inspect_hf(path: Path) -> dict:
             params += n
             dtypes[dtype] = dtypes.get(dtype, 0) + n
     quant = max(dtypes, key=dtypes.get) if dtypes else str(cfg.get("torch_dtype") or "unknown").upper()
-    template_fn = getattr(st, "_chat_template", None)
-    license_fn = getattr(st, "_license", None)
     return {"format": "hf", "architecture": "llama", "parameters": params or config.num_parameters,
             "quantization": {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(quant, quant),
             "context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
             "layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
-            "template": template_fn(path) if template_fn else None,
-            "license": license_fn(path) if license_fn else None, "model_name": cfg.get("_name_or_path")}
+            "template": st.dir_chat_template(path), "license": st.model_card_license(path),
+            "model_name": cfg.get("_name_or_path")}
 
 
 def _inspect_meta(path: Path) -> dict:

@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from ..model.rope import llama3_freq_factors, permute_qk
 from .._fs import atomic_file
-from .gguf import hf_to_gguf_name
+from .gguf_names import hf_to_gguf_name
 
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}   # llama.cpp LlamaFileType values
 

@@ -1,27 +1,28 @@
 """`load_model(path)`: sniff the format, build the model on the meta device, assign the real tensors.
 
-Formats: a GGUF file (magic bytes), a Hugging Face directory (`config.json` + safetensors), a Meta directory
-(`params.json` + `consolidated.*.pth`). Building on `meta` and `load_state_dict(assign=True)` means the only
-full copy of the weights in memory is the one the loader produced (gpt-fast does the same).
+Formats (told apart by `formats.sniff`): a GGUF file (magic bytes), a Hugging Face directory (`config.json` +
+safetensors), a Meta directory (`params.json` + `consolidated.*.pth`). Building on `meta` and
+`load_state_dict(assign=True)` means the only full copy of the weights in memory is the one the loader produced
+(gpt-fast does the same).
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from ..api import LoadedModel
 from ..config import ModelConfig
 from ..errors import InvalidRequestError, ModelFormatError
+from .loaded import LoadedModel
+from .sniff import detect_format
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
 }
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Tensors some checkpoints carry that hold no weights (old HF Llama exports saved the rotary table).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -31,31 +32,11 @@ def resolve_dtype(dtype) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
-        if dtype in _DTYPE_NAMES:
+        if dtype in _SUPPORTED_DTYPES:
             return dtype
     elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     raise InvalidRequestError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16", field="dtype")
-
-
-def detect_format(path: Path) -> str:
-    """"gguf", "hf" or "meta"; ModelFormatError if `path` is none of them."""
-    from .gguf import is_gguf
-    if not path.exists():
-        raise ModelFormatError(path, "no such file or directory")
-    if path.is_file():
-        if is_gguf(path):
-            return "gguf"
-        raise ModelFormatError(path, "not a GGUF file (bad magic) and not a model directory")
-    if (path / "config.json").is_file():
-        return "hf"
-    if (path / "params.json").is_file():
-        return "meta"
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return "gguf-dir"
-    raise ModelFormatError(path, "not a model directory: expected config.json (Hugging Face), params.json (Meta) "
-                                 "or a single .gguf file")
 
 
 def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], path, *,
@@ -95,11 +76,8 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
     """
     if kw:
         raise TypeError(f"load_model() got unexpected keyword arguments: {', '.join(sorted(kw))}")
-    path = Path(path)
     dt = resolve_dtype(dtype)
-    fmt = detect_format(path)
-    if fmt == "gguf-dir":
-        path, fmt = sorted(path.glob("*.gguf"))[0], "gguf"
+    fmt, path = detect_format(path)
     gguf_file = None
     if fmt == "gguf":
         from .gguf import file_type_name, gguf_config, iter_gguf_state_dict, read_gguf
@@ -131,12 +109,13 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
         metadata["chat_template"] = getattr(tokenizer, "chat_template", None)
     try:
         if fmt == "gguf" and quant in ("q4", "int8"):
-            from ..model.quant import load_gguf_quantized
+            from .packed import load_gguf_quantized
             model = load_gguf_quantized(gguf_file, config, quant, device)
         else:
             model = build_model(config, sd, path, device=device)
             if quant is not None:
-                model = _quantize(model, quant, gguf_file)
+                from ..model.quant import quantize_model
+                model = quantize_model(model, quant)
     except ModelFormatError as e:
         if e.path is None:  # raised below the file level: say which file it was
             raise ModelFormatError(path, e.reason) from None
@@ -148,19 +127,10 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
 
 
 def _gguf_tokenizer(meta: dict, path: Path):
-    try:
-        from ..tokenizer import load as tl
-    except ImportError:  # tokenizer package not available in this build
-        return None
-    fn = getattr(tl, "tokenizer_from_gguf_metadata", None) or getattr(tl, "tokenizer_from_gguf_fields", None)
-    if fn is None:
-        return None
     if "tokenizer.ggml.model" not in meta:
         return None  # a weights-only GGUF (e.g. a test model) has no vocabulary
-    try:
-        return fn(meta, path)
-    except TypeError:
-        return fn(meta)
+    from ..tokenizer.load import tokenizer_from_gguf_metadata
+    return tokenizer_from_gguf_metadata(meta, path)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
@@ -169,22 +139,5 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.mod
 def _dir_tokenizer(path: Path):
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         return None  # weights-only directory (e.g. a test model): no tokenizer rather than an error
-    try:
-        from ..tokenizer.load import load_tokenizer
-    except ImportError:
-        return None
+    from ..tokenizer.load import load_tokenizer
     return load_tokenizer(path)
-
-
-def _quantize(model, quant, gguf_file):
-    try:
-        from ..model.quant import quantize_model
-    except ImportError:
-        warnings.warn(f"quant={quant!r} ignored: llamaforge.model.quant is not available", stacklevel=3)
-        return model
-    out = quantize_model(model, quant, gguf=gguf_file)
-    return model if out is None else out
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.").upper())

@@ -15,8 +15,8 @@ from typing import Mapping
 import torch
 
 from ..config import ModelConfig
-from ..errors import ModelFormatError
-from .._fs import atomic_dir
+from ..errors import LlamaforgeError, ModelFormatError
+from .._fs import atomic_dir, chmod_as_created, read_bounded
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the safetensors library's own limit
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
@@ -167,32 +167,43 @@ def load_hf(dirpath, dtype: torch.dtype = torch.float32):
         raise ModelFormatError(dirpath, "missing tensor 'lm_head.weight' and tie_word_embeddings is false")
     stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     file_type = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(str(stored), str(stored).upper())
-    metadata = {"format": "hf", "file_type": file_type, "license": _license(dirpath),
-                "chat_template": _chat_template(dirpath)}
+    metadata = {"format": "hf", "file_type": file_type, "license": model_card_license(dirpath),
+                "chat_template": dir_chat_template(dirpath)}
     return config, sd, metadata
 
 
-def _chat_template(dirpath: Path):
+MAX_TEMPLATE_FILE_BYTES = 1 << 20          # a chat template file; tokenizer_config.json can hold big token tables
+MAX_TOKENIZER_CONFIG_BYTES = 64 << 20
+
+
+def dir_chat_template(dirpath: Path) -> str | None:
+    """The chat template of a Hugging Face directory: chat_template.jinja, else tokenizer_config.json's."""
+    dirpath = Path(dirpath)
     jinja = dirpath / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8", errors="replace")
-    tc = dirpath / "tokenizer_config.json"
-    if tc.is_file():
-        try:
-            t = json.loads(tc.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return t if isinstance(t, str) else None
+    try:
+        if jinja.is_file():
+            return read_bounded(jinja, MAX_TEMPLATE_FILE_BYTES, "chat_template.jinja").decode("utf-8", "replace")
+        tc = dirpath / "tokenizer_config.json"
+        if tc.is_file():
+            try:
+                t = json.loads(read_bounded(tc, MAX_TOKENIZER_CONFIG_BYTES, "tokenizer_config.json"))
+            except (ValueError, UnicodeDecodeError):
+                return None
+            t = t.get("chat_template") if isinstance(t, dict) else None
+            return t if isinstance(t, str) else None
+    except LlamaforgeError as e:   # unreadable or too large
+        raise ModelFormatError(dirpath, str(e)) from None
     return None
 
 
-def _license(dirpath: Path):
-    # Model cards start with YAML front matter; `license: xyz` is all we need from it.
-    readme = dirpath / "README.md"
+def model_card_license(dirpath: Path) -> str | None:
+    """The `license:` of a Hugging Face model card's YAML front matter (README.md), or None."""
+    readme = Path(dirpath) / "README.md"
     if not readme.is_file():
         return None
     try:
-        text = readme.read_text(encoding="utf-8", errors="replace")[:4096]
+        with open(readme, "rb") as f:   # the front matter is at the top: 4 KiB bound the read
+            text = f.read(4096).decode("utf-8", errors="replace")
     except OSError:
         return None
     if text.startswith("---"):
@@ -226,6 +237,7 @@ def save_hf(dirpath, config: ModelConfig, state_dict: Mapping[str, torch.Tensor]
         hf_cfg["torch_dtype"] = str(first.dtype).removeprefix("torch.")
     with atomic_dir(dirpath) as tmp:
         save_file(tensors, str(tmp / SINGLE_NAME), metadata={"format": "pt"})
+        chmod_as_created(tmp / SINGLE_NAME)   # safetensors writes 0600; outputs honour the umask
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
         for name, data in _tokenizer_items(tokenizer_files):
             if Path(name).name != name or name in ("", ".", ".."):

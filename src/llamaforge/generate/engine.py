@@ -19,7 +19,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import torch
 
 from ..errors import ContextLengthError, InvalidRequestError
-from ..model import aot
+from . import compiled
 from .sampling import LogitsProcessor, Sampler, SamplingParams, check_token_ids
 
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -353,13 +353,13 @@ class BatchEngine:
             return
         batch.sort(key=lambda r: r.row)
         logits = None
-        if aot.current(self.lm) is not None:  # the AOT-compiled steps (model/aot.py) when they are built
+        if compiled.current(self.lm) is not None:  # the AOT-compiled steps (generate/compiled.py) when built
             if len(batch) == 1:
                 req = batch[0]
-                logits = aot.decode_one(self.lm, req._next_token, self.cache, req.pos, req.row)[None]
+                logits = compiled.decode_one(self.lm, req._next_token, self.cache, req.pos, req.row)[None]
             else:
-                logits = aot.decode_batch(self.lm, [r._next_token for r in batch], self.cache,
-                                          [r.pos for r in batch], [r.row for r in batch])
+                logits = compiled.decode_batch(self.lm, [r._next_token for r in batch], self.cache,
+                                               [r.pos for r in batch], [r.row for r in batch])
         if logits is not None:
             for i, req in enumerate(batch):
                 req.pos += 1

@@ -1,4 +1,4 @@
-"""Weights kept quantized in memory, behind one interface: `quantize_model(model, quant, gguf=None)`.
+"""Weights kept quantized in memory, behind one interface: `quantize_model(model, quant, source=None)`.
 
 Formats (`quant`):
   "none" - dense weights in the model's dtype (the float32 reference).
@@ -12,15 +12,13 @@ Formats (`quant`):
 
 The packed kernels compute w = (q - 8) * scale + zero per group (the "tinygemm" convention); Q4_1 stores
 w = d * q + m, hence scale = d and zero = m + 8 d (ggml `dequantize_row_q4_1`).
-With a GGUF file at hand, `load_gguf_quantized` builds the model straight from the file's blocks without ever
-materialising float32 weights, which keeps loading fast and peak memory low.
+With a GGUF file at hand, `formats.packed.load_gguf_quantized` builds the model straight from the file's blocks
+without ever materialising float32 weights, which keeps loading fast and peak memory low.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +28,6 @@ from ..errors import InvalidRequestError, ModelFormatError
 QUANT_TYPES = ("none", "bf16", "int8", "q4")
 GROUP = 32            # int4 group size = GGUF block size
 ACT_DTYPE = torch.bfloat16
-_GGML_Q4_0, _GGML_Q4_1, _GGML_Q8_0 = 2, 3, 8
 
 
 # --------------------------------------------------------------------------------------------- choosing
@@ -171,72 +168,22 @@ def int8_from_float(w: torch.Tensor):
     return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
-def _blocks(gf, name: str, block_bytes: int, rows: slice = slice(None)) -> torch.Tensor:
-    """Raw blocks of rows of a 2-D GGUF tensor as uint8 [n, K/32, block_bytes].
-
-    Read with plain file reads rather than through the memory map: mapped file pages count as resident memory
-    for as long as the map lives, read pages only sit in the OS page cache. Offsets were validated by read_gguf.
-    """
-    info = gf.tensors[name]
-    N, K = info.shape
-    start, stop, _ = rows.indices(N)
-    row_bytes = K // GROUP * block_bytes
-    out = torch.empty((stop - start, K // GROUP, block_bytes), dtype=torch.uint8)
-    with open(gf.path, "rb") as f:
-        f.seek(info.offset + start * row_bytes)
-        if f.readinto(out.numpy().reshape(-1)) != out.numel():
-            raise ModelFormatError(gf.path, f"tensor {name!r} is truncated (file changed while loading?)")
-    return out
-
-
-def _half(b: torch.Tensor) -> torch.Tensor:
-    """Two bytes per block -> their little-endian float16 value as float32."""
-    return b.contiguous().view(torch.float16).squeeze(-1).float()
-
-
-def int4_from_gguf(gf, name: str):
-    """(q, scale, zero) for a GGUF tensor; Q4_0 / Q4_1 blocks convert exactly, other types are re-quantized."""
-    t = gf.tensors[name].ggml_type
-    if t == _GGML_Q4_1:
-        b = _blocks(gf, name, 20)                       # d f16, m f16, 16 bytes of nibbles
-        d, m, qs = _half(b[..., 0:2]), _half(b[..., 2:4]), b[..., 4:]
-        q = torch.cat([qs & 0x0F, qs >> 4], -1)         # element j in the low nibble, j+16 in the high one
-        return q.reshape(q.shape[0], -1), d, m + 8 * d
-    if t == _GGML_Q4_0:
-        b = _blocks(gf, name, 18)                       # d f16, 16 bytes of nibbles; w = d * (q - 8)
-        d, qs = _half(b[..., 0:2]), b[..., 2:]
-        q = torch.cat([qs & 0x0F, qs >> 4], -1)
-        return q.reshape(q.shape[0], -1), d, torch.zeros_like(d)
-    return int4_from_float(gf.dequantize(name, torch.float32))
-
-
-def int8_from_gguf(gf, name: str, rows_per_chunk: int = 1024):
-    """(q int8 [N,K], scale [N]); Q8_0 is decoded in row chunks so no full float32 copy is ever held."""
-    info = gf.tensors[name]
-    if info.ggml_type != _GGML_Q8_0:
-        return int8_from_float(gf.dequantize(name, torch.float32))
-    N = info.shape[0]
-    q = torch.empty(info.shape, dtype=torch.int8)
-    scale = torch.empty(N)
-    for r in range(0, N, rows_per_chunk):
-        c = _blocks(gf, name, 34, slice(r, r + rows_per_chunk))  # d f16, 32 x int8
-        w = (_half(c[..., 0:2])[..., None] * c[..., 2:].contiguous().view(torch.int8).float()).flatten(1)
-        q[r:r + rows_per_chunk], scale[r:r + rows_per_chunk] = int8_from_float(w)
-    return q, scale
-
-
 # --------------------------------------------------------------------------------------------- whole model
 _QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
-def quantize_model(model, quant, gguf=None, *, device="cpu"):
+def quantize_model(model, quant, source=None, *, device="cpu"):
     """Convert a `Llama` to the in-memory format `quant` (see module docstring); returns the model.
 
-    With `gguf` (a `formats.gguf.GGUFFile`) the packed weights come from the file's blocks; otherwise from the
-    model's own float weights. q/k/v and gate/up are fused into one matmul each at the same time (inference only:
+    `source` supplies the packed weights: None takes them from the model's own float weights; the formats floor
+    passes one that reads a file's blocks (`formats.packed`: GGUF Q4_0 / Q4_1 convert without re-quantizing).
+    A source has `file_type` (the file's weight type or None, for quant="auto"), `get(layer, block, proj,
+    quant)` -> (q, scale, zero | None), `int8(name)` -> (q, scale) and `fill(model, name)` for float tensors
+    left on the meta device. q/k/v and gate/up are fused into one matmul each at the same time (inference only:
     training code should load with quant="none").
     """
-    quant = resolve_quant(quant, None, device, _file_type(gguf))
+    source = _ModelSource(model) if source is None else source
+    quant = resolve_quant(quant, None, device, source.file_type)
     if quant == "none":
         return model
     model.eval()
@@ -246,7 +193,6 @@ def quantize_model(model, quant, gguf=None, *, device="cpu"):
             _fuse_dense(layer)
         model._quant = quant
         return model
-    source = _GGUFSource(gguf, model.config) if gguf is not None else _ModelSource(model)
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         get = lambda owner, block, n: _checked(source.get(i, block, n, quant), owner, n, i)  # noqa: E731
@@ -262,7 +208,7 @@ def quantize_model(model, quant, gguf=None, *, device="cpu"):
             delattr(attn, n)
         for n in _GATE_UP:
             delattr(mlp, n)
-        _release_free_memory()  # per layer: otherwise glibc keeps every layer's temporaries (+200 MB peak)
+        release_free_memory()  # per layer: otherwise glibc keeps every layer's temporaries (+200 MB peak)
     # Embedding and lm_head: int8 rows (also for "q4": the logits are what perplexity sees first).
     q, s = source.int8("model.embed_tokens.weight")
     model.model.embed_tokens = Int8Embedding(q, s)
@@ -281,13 +227,6 @@ def quantize_model(model, quant, gguf=None, *, device="cpu"):
     model.kv_dtype = ACT_DTYPE
     model._quant = quant
     return model
-
-
-def _file_type(gguf) -> str | None:
-    if gguf is None:
-        return None
-    from ..formats.gguf import file_type_name
-    return file_type_name(gguf)
 
 
 def _checked(parts, owner, proj: str, layer: int):
@@ -331,6 +270,8 @@ def _fuse_dense(layer) -> None:
 class _ModelSource:
     """Weights from the model's own (float) linears."""
 
+    file_type = None
+
     def __init__(self, model):
         self.model = model
 
@@ -351,71 +292,7 @@ class _ModelSource:
         raise ModelFormatError(None, f"parameter {name!r} is not loaded")
 
 
-class _GGUFSource:
-    """Weights straight from a GGUF file's blocks (HF names mapped to GGUF names; q/k rows un-permuted)."""
-
-    def __init__(self, gf, config):
-        from ..formats.gguf import hf_to_gguf_name
-        self.gf, self.config, self.to_gguf = gf, config, hf_to_gguf_name
-
-    def _name(self, hf: str) -> str:
-        g = self.to_gguf(hf)
-        if g not in self.gf.tensors:
-            raise ModelFormatError(self.gf.path, f"missing tensor {g!r}")
-        return g
-
-    def get(self, i: int, block: str, proj: str, quant: str):
-        name = self._name(f"model.layers.{i}.{block}.{proj}.weight")
-        if quant == "q4":
-            parts = int4_from_gguf(self.gf, name)
-        else:
-            parts = (*int8_from_float(self.gf.dequantize(name, torch.float32)), None)
-        if proj in ("q_proj", "k_proj"):
-            from .rope import unpermute_qk
-            n = self.config.num_attention_heads if proj == "q_proj" else self.config.num_key_value_heads
-            if parts[0].shape[0] % (2 * n):
-                raise ModelFormatError(self.gf.path, f"tensor {name!r} has {parts[0].shape[0]} rows, not "
-                                                     f"divisible into {n} heads of even size")
-            parts = tuple(None if p is None else unpermute_qk(p, n) for p in parts)
-        return parts
-
-    def int8(self, name: str):
-        return int8_from_gguf(self.gf, self._name(name))
-
-    def fill(self, model, name):
-        t = self.gf.dequantize(self._name(name), torch.float32)
-        mod_name, _, attr = name.rpartition(".")
-        mod = model.get_submodule(mod_name)
-        expected = tuple(getattr(mod, attr).shape)
-        if tuple(t.shape) != expected:
-            raise ModelFormatError(self.gf.path, f"tensor {name!r} has shape {list(t.shape)}, expected "
-                                                 f"{list(expected)}")
-        setattr(mod, attr, nn.Parameter(t, requires_grad=False))
-
-
-def load_gguf_quantized(gf, config, quant: str, device="cpu"):
-    """A `Llama` built on the meta device and filled straight from GGUF blocks (no float32 copy of the weights)."""
-    from .llama import Llama
-    # Skip the initialisers: they are wasted work here, and Embedding's normal_ on the meta device imports
-    # torch._dynamo (about 75 MB of resident memory for nothing).
-    with torch.device("meta"), _no_init():
-        model = Llama(config)
-    model = quantize_model(model, quant, gguf=gf, device=device)
-    _release_free_memory()
-    return model.to(device)
-
-
-@contextlib.contextmanager
-def _no_init():
-    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
-    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
-
-
-def _release_free_memory() -> None:
+def release_free_memory() -> None:
     """Hand the loader's freed temporaries back to the OS (glibc keeps them otherwise)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

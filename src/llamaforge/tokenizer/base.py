@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import abc
 import codecs
-from typing import Iterable, Sequence
+from typing import Iterable
 
 
 class Tokenizer(abc.ABC):
@@ -120,15 +120,5 @@ class StreamDecoder:
             self._first = False
         return self._utf8.decode(data)
 
-    def feed_many(self, ids: Iterable[int]) -> str:
-        return "".join(self.feed(i) for i in ids)
-
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
-
-
-def validate_ids(ids: Sequence[int], vocab_size: int) -> None:
-    from ..errors import TokenizerError
-    for i in ids:
-        if not (0 <= int(i) < vocab_size):
-            raise TokenizerError(f"token id {i} is outside the vocabulary (size {vocab_size})")

@@ -97,7 +97,3 @@ class FragmentTokenizer(Tokenizer):
         if self.strip_leading_space and data[:1] == b" ":
             return data[1:]
         return data
-
-    def piece_to_id(self, piece: str) -> int | None:
-        """Id of a special token's text, or None."""
-        return self.special_tokens.get(piece)

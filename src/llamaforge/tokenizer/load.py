@@ -18,10 +18,6 @@ def tokenizer_from_gguf_metadata(metadata: Mapping[str, Any], path=None) -> Toke
     return build(metadata, path)
 
 
-# The name DESIGN.md gives the GGUF model loader.
-tokenizer_from_gguf_fields = tokenizer_from_gguf_metadata
-
-
 def sniff_tokenizer_file(path: Path) -> str:
     """"gguf", "json", "tiktoken" or "sentencepiece", from the first bytes of the file."""
     try:

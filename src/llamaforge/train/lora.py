@@ -4,7 +4,8 @@
 
 Files follow Hugging Face `peft` exactly, so `PeftModel.from_pretrained` loads what we save and vice versa:
 `adapter_config.json` and `adapter_model.safetensors` with keys such as
-`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. q, k and v stay separate modules.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. q, k and v stay separate modules. Reading and
+checking an adapter directory is `formats.peft` (the store checks adapters with the same code).
 """
 from __future__ import annotations
 
@@ -13,18 +14,16 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
 
 from .._fs import atomic_write_bytes
 from ..errors import InvalidRequestError, ModelFormatError
+from ..formats.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, read_adapter_tensors
 from .nf4 import NF4Linear
 
 PEFT_PREFIX = "base_model.model."
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -123,11 +122,10 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules=DEFAULT_TARGETS, *, quantize_base: bool = False, use_rslora: bool = False,
-               freeze_base: bool = True) -> list[str]:
+               target_modules=DEFAULT_TARGETS, *, use_rslora: bool = False, freeze_base: bool = True) -> list[str]:
     """Wrap every targeted linear layer of `model` with LoRALinear; returns the wrapped module names.
 
-    quantize_base: store the wrapped bases in NF4 first (QLoRA). Untargeted parameters are frozen.
+    Untargeted parameters are frozen. For QLoRA the bases are NF4Linear already (the trainer converts them).
     """
     if freeze_base:
         for p in model.parameters():
@@ -144,8 +142,6 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
                                   "embeddings. Leave it out of the target modules.", field="target_modules")
     for n in names:
         base = model.get_submodule(n)
-        if quantize_base and isinstance(base, nn.Linear):
-            base = NF4Linear.from_linear(base)
         _set_module(model, n, LoRALinear.from_base(base, r, alpha, dropout, use_rslora))
     return names
 
@@ -214,44 +210,6 @@ def save_adapter(model: nn.Module, out_dir, base_model: str | None = None) -> Pa
     return out
 
 
-def read_adapter_config(adapter_dir) -> dict:
-    path = Path(adapter_dir) / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ModelFormatError(adapter_dir, f"not a LoRA adapter directory: {ADAPTER_CONFIG} is missing")
-    try:
-        cfg = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelFormatError(path, f"not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ModelFormatError(path, "expected a JSON object")
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelFormatError(path, f"unsupported adapter type {cfg.get('peft_type')!r} (only LORA)")
-    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-        if cfg.get(key) == bad:
-            raise ModelFormatError(path, f"unsupported adapter option {key}={bad}")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise ModelFormatError(path, "adapters that train biases or save whole modules are not supported")
-    r = cfg.get("r")
-    if not isinstance(r, int) or r <= 0 or not isinstance(cfg.get("lora_alpha", 8), (int, float)):
-        raise ModelFormatError(path, f"invalid rank r={r!r} or lora_alpha={cfg.get('lora_alpha')!r}")
-    return cfg
-
-
-def _read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    d = Path(adapter_dir)
-    st, binf = d / ADAPTER_WEIGHTS, d / "adapter_model.bin"
-    if not st.is_file():
-        if binf.is_file():
-            raise ModelFormatError(binf, "pickled adapters are not loaded (unsafe); convert to safetensors")
-        raise ModelFormatError(d, f"{ADAPTER_WEIGHTS} is missing")
-    try:
-        return load_file(str(st))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFormatError(st, f"unreadable safetensors file: {e}") from None
-
-
 def _module_name(key: str, path) -> tuple[str, str]:
     """'base_model.model.X.lora_A[.default].weight' -> ('X', 'A')."""
     m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
@@ -260,11 +218,10 @@ def _module_name(key: str, path) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def load_adapter(model: nn.Module, adapter_dir, *, dropout: float | None = None,
-                 quantize_base: bool = False) -> list[str]:
+def load_adapter(model: nn.Module, adapter_dir, *, dropout: float | None = None) -> list[str]:
     """Wrap `model`'s layers as the adapter says and load its weights; returns the wrapped module names."""
     cfg = read_adapter_config(adapter_dir)
-    tensors = _read_adapter_tensors(adapter_dir)
+    tensors = read_adapter_tensors(adapter_dir)
     path = Path(adapter_dir) / ADAPTER_WEIGHTS
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -290,8 +247,6 @@ def load_adapter(model: nn.Module, adapter_dir, *, dropout: float | None = None,
     for name, ab in pairs.items():
         cur = model.get_submodule(name)
         base = cur.base if isinstance(cur, LoRALinear) else cur
-        if quantize_base and isinstance(base, nn.Linear):
-            base = NF4Linear.from_linear(base)
         r = _pattern(rank_pat, name, cfg["r"])
         alpha = _pattern(alpha_pat, name, cfg.get("lora_alpha", 8))
         p = cfg.get("lora_dropout", 0.0) if dropout is None else dropout
@@ -328,7 +283,3 @@ def apply_adapter(lm, adapter_dir, *, merge: bool = True):
         lm.metadata["adapter"] = str(adapter_dir)
     model.eval()
     return lm
-
-
-def trainable_parameters(model: nn.Module) -> Iterable[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -6,8 +6,6 @@ DPO), so gradient accumulation and data parallelism give the gradient of one big
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -177,20 +175,6 @@ def save_full_model(model: nn.Module, out: Path, lm) -> Path:
         sd.pop("lm_head.weight", None)
     src = Path(lm.path) if getattr(lm, "path", None) else None
     tok_files = [src / f for f in _TOKENIZER_FILES if src and src.is_dir() and (src / f).is_file()]
-    try:
-        from ..formats.safetensors import save_hf
-    except ImportError:
-        save_hf = None
-    if save_hf is not None:
-        save_hf(out, model.config, sd, tokenizer_files=tok_files or None)
-        return out
-    # Minimal writer while formats.safetensors is unavailable: same file names HF uses.
-    from safetensors.torch import save
-    out.mkdir(parents=True, exist_ok=True)
-    from .._fs import atomic_write_bytes
-    atomic_write_bytes(out / "model.safetensors", save(sd, metadata={"format": "pt"}))
-    cfg = model.config.to_hf_config()
-    atomic_write_bytes(out / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
-    for f in tok_files:
-        shutil.copyfile(f, out / f.name)
+    from ..formats.safetensors import save_hf
+    save_hf(out, model.config, sd, tokenizer_files=tok_files or None)
     return out

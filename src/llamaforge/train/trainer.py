@@ -97,12 +97,22 @@ class _Dist:
 
 
 def load_base_model(spec: str):
-    """A LoadedModel with dense float32 weights from a path (GGUF / HF dir / Meta dir) or a store name."""
+    """A LoadedModel with dense float32 weights from a path (GGUF / HF dir / Meta dir) or a store name.
+
+    Dense weights: no packed/fused inference fast path. A store model created with an adapter gets it applied
+    (folded in), as `llamaforge.load` would.
+    """
+    from ..formats.load import load_model
     if Path(spec).exists():
-        from ..formats.load import load_model
         return load_model(spec)
-    import llamaforge
-    return llamaforge.load(spec, dtype="float32")  # dense weights: no packed/fused inference fast path
+    from ..store import resolve
+    ref = resolve(spec)
+    lm = load_model(ref.path, dtype="float32")
+    lm.name, lm.defaults = ref.name, dict(ref.defaults or {})
+    if lm.defaults.get("adapter"):
+        from .lora import apply_adapter
+        apply_adapter(lm, lm.defaults["adapter"])
+    return lm
 
 
 def _pick_device(cfg: TrainConfig, dist_local_rank: int) -> torch.device:
