@@ -32,7 +32,7 @@ _MAX_MESSAGE = 256 << 20
 class _Worker:
     def __init__(self):
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "llamaforge.tokenizer.template_worker"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "llamaforge.tokenizer.template_worker_main"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      env=env, close_fds=True)
         try:  # the worker says it is ready once its imports are done: start-up is not render time
@@ -136,37 +136,3 @@ def render_in_worker(source: str, max_output: int, extra_output: int, context: d
     """Render `source` with `context` in a worker (see module docstring); TemplateError on any failure."""
     return _POOL.render({"source": source, "max_output": max_output, "extra_output": extra_output,
                          "context": context})
-
-
-# --------------------------------------------------------------------------------------------- the worker
-def _serve() -> None:
-    try:
-        import resource
-        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY_BYTES, WORKER_MEMORY_BYTES))
-    except (ImportError, ValueError, OSError):
-        pass
-    from .jinja_sandbox import render_here
-    cache: dict[tuple[str, int], object] = {}
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
-    stdout.write(b"R")
-    stdout.flush()
-    while True:
-        header = stdin.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            return
-        (n,) = _HEADER.unpack(header)
-        req = json.loads(stdin.read(n).decode("utf-8", "surrogatepass"))
-        try:
-            text = render_here(cache, req["source"], req["max_output"], req["extra_output"], req["context"])
-            answer = {"text": text}
-        except TemplateError as e:
-            answer = {"error": str(e)}
-        except MemoryError:
-            answer = {"error": "chat template exhausted the render worker's memory"}
-        data = json.dumps(answer, ensure_ascii=False).encode("utf-8", "surrogatepass")
-        stdout.write(_HEADER.pack(len(data)) + data)
-        stdout.flush()
-
-
-if __name__ == "__main__":
-    _serve()
