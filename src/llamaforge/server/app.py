@@ -297,6 +297,8 @@ def create_app(config: ServerConfig | None = None, *, preloaded: dict[str, Any] 
     from .openai_routes import router as openai_router
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    from .tokenize_routes import router as tokenize_router  # vLLM-style /tokenize (lm-eval local-completions)
+    app.include_router(tokenize_router)
     _add_basic_routes(app, state)
     _add_error_handlers(app)
 
