@@ -92,9 +92,9 @@ def test_answer_metrics_follow_squad_normalisation():
 
 
 def test_choice_metrics_acc_and_byte_normalised_acc():
-    # Item 1: choice 1 has the higher total but the longer text; per byte choice 0 wins.
-    scores, per = M.choice_scores([[-4.0, -3.0], [-1.0, -2.0]], [[2, 10], [3, 3]], [0, 0])
-    assert per[0]["pick"] == 1 and per[0]["pick_norm"] == 0
+    # Item 1: choice 0 has the higher total (-3 > -4) but per byte choice 1 wins (-0.4 > -1.5).
+    scores, per = M.choice_scores([[-3.0, -4.0], [-1.0, -2.0]], [[2, 10], [3, 3]], [1, 0])
+    assert per[0]["pick"] == 0 and per[0]["pick_norm"] == 1
     assert scores["acc"][0] == 50.0 and scores["acc_norm"][0] == 100.0
 
 

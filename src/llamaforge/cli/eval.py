@@ -94,6 +94,8 @@ def _perplexity(args) -> int:
     from .._fs import read_text_bounded
     from ..eval import perplexity as P
     text = read_text_bounded(args.file, 256 << 20, f"text file {args.file}")
+    if not text.strip():
+        raise InvalidRequestError(f"the text file {args.file} is empty", field="file")
     if args.server:
         if args.kl_base:
             raise InvalidRequestError("--kl-base needs both models in process (the server returns no full "

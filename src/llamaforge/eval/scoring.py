@@ -14,12 +14,18 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..generate.engine import context_length
+from ..model.quant import Int8Linear
 
 # Rows of logits materialised at once (rows x vocab float32: 512 x 128k = 256 MB at worst).
 LOGIT_ROWS = 512
+# Vocabulary rows of an int8 head dequantized at once (8192 x 576 float32 = 19 MB for SmolLM2).
+HEAD_CHUNK = 8192
+# Below this many rows the packed int8 kernel is faster than dequantizing the head.
+HEAD_DENSE_ROWS = 64
 # Tokens per forward when batching (batch rows x padded length); 2048 keeps CPU activations in cache-friendly sizes.
 DEFAULT_BATCH_TOKENS = 2048
 
@@ -70,6 +76,26 @@ def batches(lengths: Sequence[int], batch_tokens: int, max_rows: int | None = No
         yield cur
 
 
+def head_logits(head, h: torch.Tensor) -> torch.Tensor:
+    """Float32 logits [n, V] of hidden states h [n, C].
+
+    A packed int8 head (the default GGUF fast path) is dequantized in vocabulary chunks and run as a float32
+    matmul when many rows are scored: for hundreds of rows that is about twice as fast as the int8 kernel, which
+    is built for one-token decode (CPU time, 512 x 576 x 49152: 0.74 s vs 1.44 s), and it skips the kernel's
+    bfloat16 rounding of the activations. Other heads run as they are.
+    """
+    if not isinstance(head, Int8Linear) or h.shape[0] < HEAD_DENSE_ROWS or h.device.type != "cpu":
+        return head(h).float()
+    x = h.float()
+    out = torch.empty((x.shape[0], head.out_features), dtype=torch.float32, device=x.device)
+    for a in range(0, head.out_features, HEAD_CHUNK):
+        w = head.qweight[a:a + HEAD_CHUNK].float() * head.scale[a:a + HEAD_CHUNK, None].float()
+        out[:, a:a + HEAD_CHUNK] = F.linear(x, w)
+    if head.bias is not None:
+        out += head.bias.float()
+    return out
+
+
 class ModelScorer:
     """Scores token sequences with an in-process model (a `LoadedModel`).
 
@@ -114,7 +140,7 @@ class ModelScorer:
             h = hidden[r, first - 1:len(s) - 1]                     # [n, C]: the positions predicting ids[first:]
             targets = torch.tensor(s[first:], dtype=torch.long)
             for a in range(0, h.shape[0], LOGIT_ROWS):
-                logits = self.lm.model.lm_head(h[a:a + LOGIT_ROWS]).float().cpu()
+                logits = head_logits(self.lm.model.lm_head, h[a:a + LOGIT_ROWS]).cpu()
                 yield r, torch.log_softmax(logits, dim=-1), targets[a:a + LOGIT_ROWS]
 
     def _score_batch(self, seqs: list[list[int]], firsts: list[int]) -> list[Scored]:
