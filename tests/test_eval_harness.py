@@ -73,9 +73,11 @@ def test_rolling_loglikelihood_generation_and_chat_match_hf(ours, theirs):
         tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
 
 
-def test_entry_point_names_the_backend():
+def test_entry_point_names_the_backend_and_builtins_stay():
     eps = [e for e in md.entry_points(group="lm_eval.models") if e.name == "llamaforge"]
     assert eps and eps[0].load() is LlamaforgeLM
+    from lm_eval.api.registry import get_model   # registering ours must not hide lm-eval's own models
+    assert get_model("llamaforge") is LlamaforgeLM and get_model("local-completions").__name__ == "LocalCompletionsAPI"
 
 
 def test_lm_eval_command_line_with_model_llamaforge(task_dir, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval's built-in models first: its registry skips them once non-empty)
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -83,7 +84,11 @@ class LlamaforgeLM(TemplateLM):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
         """As lm-eval's, except that a batch_size given in model_args wins over the command line's --batch_size
         (lm-eval always passes one, which would otherwise collide)."""
-        args = lm_utils.simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        args = dict(arg_dict)
         for k, v in (additional_config or {}).items():
             if v is not None and k not in args:
                 args[k] = v
