@@ -16,12 +16,14 @@ templates rendered by lm-eval): it is encoded as control tokens, as Hugging Face
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval's built-in models first: its registry skips them once non-empty)
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+import torch
 from tqdm import tqdm
 
 from ..api import load
@@ -30,6 +32,7 @@ from ..generate.pipeline import chat_format
 from .backends import InProcessBackend, generate_batch
 
 DEFAULT_MAX_GEN_TOKS = 256
+log = logging.getLogger("llamaforge.eval")
 
 
 def _bool(v) -> bool | None:
@@ -68,8 +71,13 @@ class LlamaforgeLM(TemplateLM):
         unknown = sorted(k for k in kwargs if k not in ("trust_remote_code", "parallelize"))
         if unknown:
             raise InvalidRequestError(f"unknown model_args for llamaforge: {', '.join(unknown)}", field="model_args")
-        self._lm = lm if lm is not None else load(str(pretrained), dtype=dtype, quant=quant,
-                                                  device=device or "cpu", compile=bool(_bool(compile)))
+        device = device or "cpu"
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line passes --device cuda unless told otherwise; HFLM falls back the same way.
+            log.warning("device %r is not available, using 'cpu'", device)
+            device = "cpu"
+        self._lm = lm if lm is not None else load(str(pretrained), dtype=dtype, quant=quant, device=device,
+                                                  compile=bool(_bool(compile)))
         self.pretrained = str(pretrained)
         self._batch = _batch_size(batch_size)
         self.backend_impl = InProcessBackend(self._lm, batch_size=self._batch, allow_special=True,
