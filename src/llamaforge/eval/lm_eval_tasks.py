@@ -64,7 +64,10 @@ def export_task(task: Task, out_dir: Path) -> Path:
     else:
         spec.update(output_type="generate_until", doc_to_target="lf_target", target_delimiter="",
                     generation_kwargs={"until": task.stop, "max_gen_toks": task.max_tokens, "do_sample": False},
-                    metric_list=[_LM_EVAL_GEN_METRICS[m] for m in task.metrics if m in _LM_EVAL_GEN_METRICS])
+                    metric_list=[_LM_EVAL_GEN_METRICS[m] for m in task.metrics if m in _LM_EVAL_GEN_METRICS],
+                    # Our runner strips the answer; lm-eval compares raw text unless a filter does it.
+                    filter_list=[{"name": "none", "filter": [{"function": "remove_whitespace"},
+                                                             {"function": "take_first"}]}])
     spec["metadata"] = {"version": 1.0, "source": task.source, "license": task.license}
     path = out_dir / f"{name}.yaml"
     atomic_write_text(path, yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
