@@ -44,7 +44,9 @@ def windows(n_tokens: int, ctx: int, stride: int) -> list[Window]:
     out, begin, prev_end = [], 0, 0
     while True:
         end = min(begin + ctx, n_tokens)
-        out.append(Window(begin, end, max(prev_end, begin + 1)))
+        first = max(prev_end, begin + 1)
+        if first < end:  # a last window of one token scores nothing (its token has no context in it)
+            out.append(Window(begin, end, first))
         prev_end = end
         if end == n_tokens:
             return out
