@@ -108,6 +108,8 @@ def create_app(config: ServerConfig | None = None, *, preloaded: dict[str, Any] 
     app.include_router(ui_router)  # the web chat page at /ui and its conversation store
     app.include_router(ollama_router)
     app.include_router(ollama_admin_router)
+    from .tokenize_routes import router as tokenize_router  # vLLM-style /tokenize (lm-eval local-completions)
+    app.include_router(tokenize_router)
     _add_basic_routes(app, state)
     _add_error_handlers(app)
 
