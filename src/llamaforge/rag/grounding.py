@@ -1,0 +1,151 @@
+"""Grounded answers: the seam stage for `GenerationRequest.retrieval` and the filter that keeps [n] markers honest.
+
+`RetrievalStage.prepare` retrieves the `k` best passages of the collection for the last user message, numbers
+them, and puts them into the conversation with the instruction to answer only from them, to cite them as [n] and
+to say so when they do not hold the answer. `ctx.citations` = [{"n", "source", "text", "chunk_id", "heading",
+"start", "end"}] travels to the result beside the answer.
+
+`CitationFilter` rewrites the markers the model writes into the canonical `[n]`: "[Source 2]", "[2, 3]",
+"【2】" become "[2]" / "[2][3]"; a marker that names no source given is removed (a citation must point at a real
+passage). Text is held back only while a marker may still be opening, so streaming stays smooth.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from ..generate.stage import Delta, OutputFilter, PlanContext, Result, Stage
+from .index import CollectionNotFoundError, check_name
+from .search import Hit, check_k, search
+
+SYSTEM = ("You answer questions using only the numbered sources given with the question. "
+          "Cite the source you used with its number in square brackets, for example [1]. "
+          "If the sources do not contain the answer, say that the sources do not say.")
+MAX_SOURCE_CHARS = 1500
+
+
+def source_label(h: Hit) -> str:
+    name = os.path.basename(h.source) or h.source
+    return f"{name} - {h.heading}" if h.heading else name
+
+
+def format_sources(hits: list[Hit]) -> str:
+    parts = []
+    for n, h in enumerate(hits, 1):
+        text = " ".join(h.text.split())
+        if len(text) > MAX_SOURCE_CHARS:
+            text = text[:MAX_SOURCE_CHARS].rsplit(" ", 1)[0] + " ..."
+        parts.append(f"[{n}] ({source_label(h)}) {text}")
+    return "\n\n".join(parts)
+
+
+def grounded_user_message(question: str, hits: list[Hit]) -> str:
+    if not hits:
+        return (f"There are no sources for this question.\n\nQuestion: {question}\n\n"
+                "Say that the sources do not contain the answer.")
+    return f"Sources:\n\n{format_sources(hits)}\n\nQuestion: {question}\n\nAnswer from the sources above " \
+           "and cite the source number like [1]."
+
+
+def citations_for(hits: list[Hit]) -> list[dict]:
+    return [{"n": n, "source": h.source, "text": h.text, "chunk_id": h.chunk_id, "heading": h.heading,
+             "start": h.start, "end": h.end, "score": h.score} for n, h in enumerate(hits, 1)]
+
+
+class RetrievalStage(Stage):
+    """Implements "retrieval": ground a chat request in a collection's passages (see module docstring)."""
+
+    name = "retrieval"
+    provides = ("retrieval",)
+
+    def __init__(self, root=None):
+        self.root = root
+
+    def applies(self, request) -> bool:
+        return request.retrieval is not None
+
+    def prepare(self, ctx: PlanContext) -> None:
+        r = ctx.request.retrieval
+        if ctx.messages is None:
+            raise ctx.error("retrieval needs a chat request (messages), not a raw prompt", "retrieval")
+        try:
+            name = check_name(r.collection)
+        except Exception as e:
+            raise ctx.error(str(e), "retrieval.collection") from None
+        try:
+            k = check_k(r.k, "retrieval.k")
+        except Exception as e:
+            raise ctx.error(str(e), "retrieval.k") from None
+        last = next((i for i in range(len(ctx.messages) - 1, -1, -1) if ctx.messages[i]["role"] == "user"), None)
+        if last is None or not ctx.messages[last]["content"].strip():
+            raise ctx.error("retrieval needs a user message to search for", "messages")
+        question = ctx.messages[last]["content"]
+        try:
+            hits = search(name, question, k, root=self.root)
+        except CollectionNotFoundError as e:
+            raise ctx.error(str(e), "retrieval.collection") from None
+        ctx.citations = citations_for(hits)
+        ctx.messages[last] = dict(ctx.messages[last], content=grounded_user_message(question, hits))
+        sys_at = next((i for i, m in enumerate(ctx.messages) if m["role"] == "system"), None)
+        if sys_at is None:
+            ctx.messages.insert(0, {"role": "system", "content": SYSTEM})
+        else:   # the caller's (or the model's stored) system prompt stays, the grounding rule follows it
+            ctx.messages[sys_at] = dict(ctx.messages[sys_at], content=ctx.messages[sys_at]["content"].rstrip()
+                                        + "\n\n" + SYSTEM)
+        ctx.extra["retrieval"] = {"collection": name, "k": k, "hits": len(hits)}
+
+    def output(self, plan) -> OutputFilter:
+        return CitationFilter(len(plan.citations))
+
+
+# A marker: "[2]", "[2, 3]", "[Source 2]", "[source 2 and 3]", "【2】", "[^2]".
+_MARKER = re.compile(r"[\[【]\s*\^?(?:(?:sources?|src|ref|doc(?:ument)?)\s*)?(\d{1,3}(?:\s*(?:,|;|and|&|-|–)\s*"
+                     r"(?:(?:sources?|src)\s*)?\d{1,3})*)\s*[\]】]", re.IGNORECASE)
+_OPEN = re.compile(r"[\[【][^\]】\n]{0,24}$")
+
+
+class CitationFilter(OutputFilter):
+    """Canonical [n] markers; markers naming no given source dropped. Records the cited numbers."""
+
+    def __init__(self, n_sources: int):
+        self.n = n_sources
+        self.pending = ""
+        self.cited: list[int] = []
+
+    def _rewrite(self, m: re.Match) -> str:
+        nums = []
+        for part in re.split(r"\s*(?:,|;|and|&)\s*", m.group(1), flags=re.IGNORECASE):
+            part = re.sub(r"(?i)sources?|src", "", part).strip()
+            if re.fullmatch(r"\d+\s*[-–]\s*\d+", part):
+                a, b = (int(x) for x in re.split(r"[-–]", part))
+                nums += list(range(a, b + 1)) if 0 < b - a < 10 else [a, b]
+            elif part.isdigit():
+                nums.append(int(part))
+        keep = [x for x in dict.fromkeys(nums) if 1 <= x <= self.n]
+        for x in keep:
+            if x not in self.cited:
+                self.cited.append(x)
+        return "".join(f"[{x}]" for x in keep)
+
+    def _process(self, text: str, final: bool) -> str:
+        text = self.pending + text
+        self.pending = ""
+        if not final:
+            m = _OPEN.search(text)
+            if m:
+                text, self.pending = text[:m.start()], text[m.start():]
+        return _MARKER.sub(self._rewrite, text)
+
+    def feed(self, deltas: list[Delta]) -> list[Delta]:
+        out = []
+        for d in deltas:
+            text = self._process(d.text, False) if d.text else ""
+            if text or d.tool_calls:
+                out.append(Delta(text, d.tool_calls))
+        return out
+
+    def finish(self, result: Result) -> list[Delta]:
+        tail = self._process("", True)
+        result.citations = [dict(c, cited=c.get("n") in self.cited) for c in result.citations]
+        result.extra["cited"] = list(self.cited)
+        return [Delta(tail)] if tail else []
