@@ -297,6 +297,8 @@ def create_app(config: ServerConfig | None = None, *, preloaded: dict[str, Any] 
     from .openai_routes import router as openai_router
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    from .rag_routes import router as rag_router
+    app.include_router(rag_router)  # /v1/rag/... (retrieval collections)
     _add_basic_routes(app, state)
     _add_error_handlers(app)
 
