@@ -70,3 +70,10 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
         from .model.aot import attach
         attach(lm, build_missing=True if compile is True else "background")
     return lm
+
+
+# Features above the seam's floor register their stages here, so every front end (all above this module) runs them.
+from .generate.pipeline import register as _register_stage  # noqa: E402
+from .rag.grounding import RetrievalStage as _RetrievalStage  # noqa: E402
+
+_register_stage(_RetrievalStage())
