@@ -52,6 +52,37 @@ def citations_for(hits: list[Hit]) -> list[dict]:
              "start": h.start, "end": h.end, "score": h.score} for n, h in enumerate(hits, 1)]
 
 
+ANSWER_RESERVE = 256   # tokens kept free for the answer when the request does not set max_tokens
+
+
+def fit_to_context(ctx: PlanContext, hits: list[Hit], question: str) -> list[Hit]:
+    """The best-ranked sources that fit the model's context beside the conversation and room for the answer
+    (a first source too long on its own is shortened)."""
+    from ..generate.engine import context_length
+    tok = ctx.lm.tokenizer
+    if tok is None or not hits:
+        return hits
+    count = lambda text: len(tok.encode(text))  # noqa: E731
+    window = int(context_length(ctx.lm))
+    answer = ctx.request.options.get("max_tokens") or min(ANSWER_RESERVE, window // 4)
+    used = sum(count(m["content"]) + 8 for m in ctx.messages) + count(SYSTEM) + count(
+        grounded_user_message(question, [])) + 32
+    budget = window - int(answer) - used
+    out: list[Hit] = []
+    for h in hits:
+        n = count(f"[{len(out) + 1}] ({source_label(h)}) {h.text}") + 4
+        if n <= budget:
+            out.append(h)
+            budget -= n
+        elif not out and budget > 32:
+            keep = max(1, int(len(h.text) * budget / n) - 16)
+            out.append(Hit(**{**h.as_dict(), "text": h.text[:keep], "end": h.start + keep}))
+            break
+        else:
+            break
+    return out
+
+
 class RetrievalStage(Stage):
     """Implements "retrieval": ground a chat request in a collection's passages (see module docstring)."""
 
@@ -84,6 +115,7 @@ class RetrievalStage(Stage):
             hits = search(name, question, k, root=self.root)
         except CollectionNotFoundError as e:
             raise ctx.error(str(e), "retrieval.collection") from None
+        hits = fit_to_context(ctx, hits, question)
         ctx.citations = citations_for(hits)
         ctx.messages[last] = dict(ctx.messages[last], content=grounded_user_message(question, hits))
         sys_at = next((i for i, m in enumerate(ctx.messages) if m["role"] == "system"), None)
@@ -95,7 +127,7 @@ class RetrievalStage(Stage):
         ctx.extra["retrieval"] = {"collection": name, "k": k, "hits": len(hits)}
 
     def output(self, plan) -> OutputFilter:
-        return CitationFilter(len(plan.citations))
+        return CitationFilter(plan.citations)
 
 
 # A marker: "[2]", "[2, 3]", "[Source 2]", "[source 2 and 3]", "【2】", "[^2]".
@@ -105,12 +137,22 @@ _OPEN = re.compile(r"[\[【][^\]】\n]{0,24}$")
 
 
 class CitationFilter(OutputFilter):
-    """Canonical [n] markers; markers naming no given source dropped. Records the cited numbers."""
+    """Canonical [n] markers; markers naming no given source dropped. Records the cited numbers.
 
-    def __init__(self, n_sources: int):
-        self.n = n_sources
+    An answer that states something without any marker gets one for the source it was drawn from, when one
+    source clearly holds its distinctive words (see `attribute`); `result.extra["citation"]` says whether the
+    markers were the model's ("model") or added ("attributed"). Small models often answer from a passage
+    without writing its number; the passage is still what a reader needs to check the answer against.
+    """
+
+    def __init__(self, citations: list[dict] | int):
+        cits = citations if isinstance(citations, list) else [{}] * int(citations)
+        self.sources = [c.get("text", "") for c in cits]
+        self.names = [c.get("source", "") for c in cits]
+        self.n = len(self.sources)
         self.pending = ""
         self.cited: list[int] = []
+        self.text: list[str] = []
 
     def _rewrite(self, m: re.Match) -> str:
         nums = []
@@ -140,12 +182,52 @@ class CitationFilter(OutputFilter):
         out = []
         for d in deltas:
             text = self._process(d.text, False) if d.text else ""
+            self.text.append(text)
             if text or d.tool_calls:
                 out.append(Delta(text, d.tool_calls))
         return out
 
     def finish(self, result: Result) -> list[Delta]:
         tail = self._process("", True)
+        how = "model" if self.cited else "none"
+        if not self.cited:
+            n = attribute("".join(self.text) + tail, self.sources, self.names)
+            if n is not None:
+                self.cited.append(n)
+                tail = tail.rstrip() + f" [{n}]" if tail.strip() else f" [{n}]"
+                how = "attributed"
         result.citations = [dict(c, cited=c.get("n") in self.cited) for c in result.citations]
         result.extra["cited"] = list(self.cited)
+        result.extra["citation"] = how
         return [Delta(tail)] if tail else []
+
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:[.,:][0-9]+)*", re.IGNORECASE)
+_COMMON = frozenset("""the a an and or of to in on at for from by with is are was were be been it its this that
+these those there their they them he she his her you your we our as not no do does did can will would
+should could about into than then so such also only one source sources say says said answer question""".split())
+_REFUSALS = ("do not say", "does not say", "don't say", "doesn't say", "not contain", "no information",
+             "not mention", "don't know", "do not know", "cannot answer", "can't answer", "not provided")
+
+
+def attribute(answer: str, sources: list[str], names: list[str] | None = None) -> int | None:
+    """The number of the source an unmarked answer was drawn from: the one holding most of the answer's
+    distinctive words (numbers count double), if it holds at least two and more than any passage of another
+    document (a tie within one document goes to its best-ranked passage). None for a refusal ("the sources do
+    not say") or when no source stands out."""
+    low = answer.lower()
+    if not answer.strip() or any(r in low for r in _REFUSALS):
+        return None
+    words = {w for w in _TOKEN.findall(low) if w not in _COMMON and (len(w) > 2 or w.isdigit())}
+    if not words:
+        return None
+    scores = []
+    for text in sources:
+        have = set(_TOKEN.findall(text.lower()))
+        scores.append(sum(2 if any(ch.isdigit() for ch in w) else 1 for w in words if w in have))
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i), default=None)
+    if best is None or scores[best] < 2:
+        return None
+    names = names or [str(i) for i in range(len(sources))]
+    runner_up = max((s for i, s in enumerate(scores) if names[i] != names[best]), default=0)
+    return best + 1 if scores[best] > runner_up else None
