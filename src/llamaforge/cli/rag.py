@@ -14,7 +14,7 @@ import json
 import re
 import sys
 
-from .generate import add_sampling_flags, check_sampling, sampling_from_args
+from .flags import add_sampling_flags, check_sampling, sampling_from_args
 
 DEFAULT_MODEL = "smollm2"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,

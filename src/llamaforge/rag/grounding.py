@@ -21,7 +21,14 @@ from .search import Hit, check_k, search
 SYSTEM = ("You answer questions using only the numbered sources given with the question. "
           "Cite the source you used with its number in square brackets, for example [1]. "
           "If the sources do not contain the answer, say that the sources do not say.")
-MAX_SOURCE_CHARS = 1500
+INSTRUCTION = "Answer with one sentence from the sources and cite its number, like [1]."
+EXCERPT_WORDS = 60     # words of each passage shown to the model (its best-matching sentences)
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])|\n\s*\n")
+_QWORD = re.compile(r"[a-z0-9]+", re.IGNORECASE)
+_QSTOP = frozenset("""a an and are as at be by can could did do does for from had has have how i in is it its of on
+or that the their there these this to was were what when where which who whom why will with would you your
+many much long often""".split())
 
 
 def source_label(h: Hit) -> str:
@@ -29,22 +36,40 @@ def source_label(h: Hit) -> str:
     return f"{name} - {h.heading}" if h.heading else name
 
 
-def format_sources(hits: list[Hit]) -> str:
-    parts = []
-    for n, h in enumerate(hits, 1):
-        text = " ".join(h.text.split())
-        if len(text) > MAX_SOURCE_CHARS:
-            text = text[:MAX_SOURCE_CHARS].rsplit(" ", 1)[0] + " ..."
-        parts.append(f"[{n}] ({source_label(h)}) {text}")
-    return "\n\n".join(parts)
+def excerpt(text: str, question: str, max_words: int = EXCERPT_WORDS) -> str:
+    """The sentences of a passage that share most words with the question, in their original order, within
+    `max_words` (the whole passage when it is short). Small models answer better from a few focused lines than
+    from whole passages; the citation still points at the whole passage."""
+    flat = " ".join(text.split())
+    if len(flat.split()) <= max_words:
+        return flat
+    sents = [x.strip() for x in _SENTENCE.split(text) if x and x.strip()]
+    keys = {w[:5] for w in _QWORD.findall(question.lower()) if w not in _QSTOP}
+    def score(sent: str) -> int:
+        return len(keys & {w[:5] for w in _QWORD.findall(sent.lower())})
+    ranked = sorted(range(len(sents)), key=lambda i: (-score(sents[i]), i))
+    keep, words = set(), 0
+    for i in ranked:
+        n = len(sents[i].split())
+        if keep and words + n > max_words:
+            continue
+        keep.add(i)
+        words += n
+        if words >= max_words:
+            break
+    out = " ".join(" ".join(sents[i].split()) for i in sorted(keep))
+    return out if len(out.split()) <= max_words * 2 else " ".join(out.split()[:max_words * 2]) + " ..."
+
+
+def format_sources(hits: list[Hit], question: str = "") -> str:
+    return "\n".join(f"[{n}] {excerpt(h.text, question)}" for n, h in enumerate(hits, 1))
 
 
 def grounded_user_message(question: str, hits: list[Hit]) -> str:
     if not hits:
         return (f"There are no sources for this question.\n\nQuestion: {question}\n\n"
                 "Say that the sources do not contain the answer.")
-    return f"Sources:\n\n{format_sources(hits)}\n\nQuestion: {question}\n\nAnswer from the sources above " \
-           "and cite the source number like [1]."
+    return f"Sources:\n{format_sources(hits, question)}\n\nQuestion: {question}\n{INSTRUCTION}"
 
 
 def citations_for(hits: list[Hit]) -> list[dict]:
@@ -70,7 +95,7 @@ def fit_to_context(ctx: PlanContext, hits: list[Hit], question: str) -> list[Hit
     budget = window - int(answer) - used
     out: list[Hit] = []
     for h in hits:
-        n = count(f"[{len(out) + 1}] ({source_label(h)}) {h.text}") + 4
+        n = count(f"[{len(out) + 1}] {excerpt(h.text, question)}") + 4
         if n <= budget:
             out.append(h)
             budget -= n
