@@ -91,3 +91,28 @@ def test_bad_requests(client, tmp_path_factory):
             if param is not None:
                 assert param in (err.get("param") or ""), (url, r.text)
     assert len(search("demo", "ferry", 50)) == len(search("demo", "ferry", 50))   # collection intact
+
+
+def test_chat_routes_take_retrieval_and_return_citations(tmp_path_factory):
+    """The `retrieval` extension field on OpenAI chat completions (official client, extra_body) and Ollama
+    /api/chat: the sources reach the prompt and the citations come back beside the message."""
+    from openai import OpenAI
+    from test_rag_stage import tiny_chat_lm
+    install_demo(tmp_path_factory)
+    app = create_app(ServerConfig(load_on_demand=False), preloaded={"tiny": tiny_chat_lm()})
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        oa = OpenAI(base_url="http://127.0.0.1/v1", api_key="none", http_client=c)
+        r = oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Who founded Veltmark?"}],
+                                       max_tokens=8, temperature=0, extra_body={"retrieval": {"collection": "demo",
+                                                                                              "k": 2}})
+        cits = r.choices[0].model_extra["citations"]
+        assert [x["n"] for x in cits] == [1, 2] and cits[0]["source"].endswith("veltmark_history.md")
+        assert r.usage.prompt_tokens > 300          # the passages are in the prompt (byte tokens)
+        bad = c.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                   "retrieval": {"collection": "missing", "k": 2}})
+        assert bad.status_code in (400, 404) and "missing" in bad.json()["error"]["message"]
+        o = c.post("/api/chat", json={"model": "tiny", "stream": False, "options": {"num_predict": 8},
+                                      "messages": [{"role": "user", "content": "ferry name?"}],
+                                      "retrieval": {"collection": "demo", "k": 3}}).json()
+        assert [x["n"] for x in o["citations"]] == [1, 2, 3]
+        assert o["citations"][0]["source"].endswith("harbour_ferry.md")

@@ -100,8 +100,28 @@ def _run_filter(pieces: list[str], n: int = 3):
 def test_citation_markers(pieces, text, cited):
     got, result = _run_filter(pieces)
     assert got == text and result.text == text
-    assert result.extra["cited"] == cited
+    assert [c["n"] for c in result.citations if c["cited"]] == sorted(cited)
     assert [c["cited"] for c in result.citations] == [i in cited for i in (1, 2, 3)]
+
+
+SOURCES = [{"n": 1, "source": "a.md", "text": "The ferry is called the Grey Heron and carries 120 people."},
+           {"n": 2, "source": "b.md", "text": "The kettle holds 1.7 litres and uses 2200 watts."},
+           {"n": 3, "source": "b.md", "text": "The kettle warranty is 3 years."}]
+
+
+@pytest.mark.parametrize("answer,expect,how", [
+    ("The ferry is the Grey Heron.", "The ferry is the Grey Heron. [1]", "attributed"),
+    ("It holds 1.7 litres", "It holds 1.7 litres [2]", "attributed"),
+    ("The kettle holds 1.7 litres [3].", "The kettle holds 1.7 litres [3].", "model"),   # the model's own stays
+    ("The sources do not say.", "The sources do not say.", "none"),
+    ("Blue.", "Blue.", "none"),                                            # nothing distinctive: no guess
+])
+def test_unmarked_answers_are_attributed_to_the_source_with_their_words(answer, expect, how):
+    out = Output([CitationFilter(SOURCES)], SOURCES)
+    text = "".join(d.text for d in out.feed(answer))
+    tail, result = out.finish("stop")
+    assert text + "".join(d.text for d in tail) == expect == result.text
+    assert result.extra["citation_markers"] == how
 
 
 def test_citation_filter_passes_tool_call_deltas():

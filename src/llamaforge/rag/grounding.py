@@ -165,9 +165,10 @@ class CitationFilter(OutputFilter):
     """Canonical [n] markers; markers naming no given source dropped. Records the cited numbers.
 
     An answer that states something without any marker gets one for the source it was drawn from, when one
-    source clearly holds its distinctive words (see `attribute`); `result.extra["citation"]` says whether the
-    markers were the model's ("model") or added ("attributed"). Small models often answer from a passage
-    without writing its number; the passage is still what a reader needs to check the answer against.
+    source clearly holds its distinctive words (see `attribute`); `result.extra["citation_markers"]` says
+    whether the markers were the model's ("model"), added ("attributed") or absent ("none"). Small models often
+    answer from a passage without writing its number; the passage is still what a reader needs to check the
+    answer against.
     """
 
     def __init__(self, citations: list[dict] | int):
@@ -222,8 +223,7 @@ class CitationFilter(OutputFilter):
                 tail = tail.rstrip() + f" [{n}]" if tail.strip() else f" [{n}]"
                 how = "attributed"
         result.citations = [dict(c, cited=c.get("n") in self.cited) for c in result.citations]
-        result.extra["cited"] = list(self.cited)
-        result.extra["citation"] = how
+        result.extra["citation_markers"] = how
         return [Delta(tail)] if tail else []
 
 
