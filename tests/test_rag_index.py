@@ -199,3 +199,12 @@ def test_ingest_while_querying_threads_and_a_process(tmp_path, tmp_path_factory)
         notes = [d_ for d_ in ix.documents() if Path(d_["source"]).name.startswith("note")]
         assert len(notes) == 6 and all(n["chunks"] == 1 for n in notes)   # each note once, despite two writers
         assert ix.count_chunks() == n0 + 6
+
+
+def test_a_corrupt_collection_file_is_a_clear_error():
+    from llamaforge.rag.index import RagError, collection_path
+    p = collection_path("broken")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RagError, match="not a readable collection"):
+        search("broken", "anything", 3)

@@ -134,7 +134,15 @@ class Index:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = _connect(self.path, create=create)
         self.sqlite = sqlite_module()
-        self._ensure_schema()
+        try:
+            self._ensure_schema()
+        except self.sqlite.DatabaseError as e:
+            self.close()
+            raise RagError(f"collection {self.name!r} ({self.path}) is not a readable collection database: {e}") \
+                from None
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> "Index":
         return self
@@ -149,6 +157,11 @@ class Index:
 
     # ---------------------------------------------------------------------------------------- schema / meta
     def _ensure_schema(self) -> None:
+        ready = self.db.execute("SELECT count(*) FROM sqlite_master WHERE name IN ('meta', 'documents', 'chunks', "
+                                "'chunks_fts')").fetchone()[0] == 4
+        if ready:   # readers never take the write lock
+            self._check_version(self.meta("schema_version"))
+            return
         with self.write():
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self.db.execute("""CREATE TABLE IF NOT EXISTS documents (
@@ -164,9 +177,12 @@ class Index:
             version = self.meta("schema_version")
             if version is None:
                 self.set_meta("schema_version", SCHEMA_VERSION)
-            elif version != SCHEMA_VERSION:
-                raise RagError(f"collection {self.name!r} has schema version {version}; this llamaforge reads "
-                               f"version {SCHEMA_VERSION}")
+            self._check_version(version or SCHEMA_VERSION)
+
+    def _check_version(self, version) -> None:
+        if version != SCHEMA_VERSION:
+            raise RagError(f"collection {self.name!r} has schema version {version}; this llamaforge reads "
+                           f"version {SCHEMA_VERSION}")
 
     def meta(self, key: str):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
