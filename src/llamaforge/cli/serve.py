@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
                           max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, max_body=args.max_body,
                           allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
                           load_on_demand=not args.no_load_on_demand, max_loaded=args.max_loaded, dtype=args.dtype,
-                          quant=args.quant, max_connections=args.max_connections)
+                          quant=args.quant, max_connections=args.max_connections, exit_on_load_failure=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llamaforge.server")
     if not is_loopback_host(args.host):
@@ -92,6 +92,8 @@ def main(argv: list[str]) -> int:
         server.run()
     except OSError as e:  # port in use, permission denied
         raise LlamaforgeError(f"cannot listen on {args.host}:{args.port}: {e}") from None
+    if server.fatal_error:
+        raise LlamaforgeError(server.fatal_error)
     return 0 if getattr(server, "started", True) else 1
 
 

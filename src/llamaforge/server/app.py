@@ -56,6 +56,7 @@ class ServerConfig:
     header_timeout: float = 10.0           # seconds a connection may take to send a request's headers
     keep_alive_timeout: float = 5.0        # seconds an idle keep-alive connection stays open
     max_connections: int | None = None     # open connections at once (default: from the descriptor limit)
+    exit_on_load_failure: bool = False     # `llamaforge serve`: a model named at start that fails to load stops it
 
 
 class ServerState:
@@ -235,6 +236,8 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
     import uvicorn
 
     class _Server(uvicorn.Server):
+        fatal_error: str | None = None
+
         async def shutdown(self, sockets=None):
             app.state.server.begin_shutdown()
             await super().shutdown(sockets=sockets)
@@ -250,7 +253,13 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                          lifespan="on", access_log=False, timeout_keep_alive=conf.keep_alive_timeout,
                          http=guarded_protocol(conf.header_timeout, conf.max_connections or _default_max_connections()),
                          h11_max_incomplete_event_size=64 * 1024)
-    return _Server(cfg)
+    server = _Server(cfg)
+    if conf.exit_on_load_failure:
+        def fatal(message: str) -> None:
+            server.fatal_error = message
+            server.should_exit = True
+        app.state.server.models.on_fatal = fatal
+    return server
 
 
 def _default_max_connections() -> int:

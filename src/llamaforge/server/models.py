@@ -59,6 +59,7 @@ class ModelManager:
         self._loading: dict[str, asyncio.Future] = {}
         self._lock = threading.Lock()
         self.preload_error: str | None = None
+        self.on_fatal: Callable[[str], None] | None = None   # set by make_server when loading must succeed
         self.preloading = bool(config.models)
         for name, lm in (preloaded or {}).items():
             self._add(name, lm, 0.0, pinned=True)
@@ -93,17 +94,26 @@ class ModelManager:
                 lm = self._load(name)
                 self._add(self._entry_name(name, lm), lm, time.perf_counter() - t0, pinned=True)
                 log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
-        except Exception as e:  # reported by /health; the server keeps answering
-            log.exception("failed to load a model")
-            self.preload_error = f"{type(e).__name__}: {e}"
+        except LlamaforgeError as e:  # a bad file or name: one clear line, no traceback
+            self.preload_error = f"failed to load {name}: {e}"
+            log.error("%s", self.preload_error)
+        except Exception as e:  # a bug: keep the traceback for the log
+            log.exception("failed to load %s", name)
+            self.preload_error = f"failed to load {name}: {type(e).__name__}: {e}"
         finally:
             self.preloading = False
+        if self.preload_error and self.on_fatal is not None:
+            self.on_fatal(self.preload_error)  # `llamaforge serve`: exit with the error rather than serve nothing
 
     @staticmethod
     def _entry_name(requested: str, lm) -> str:
-        # A path given on the command line is served under the model's own name (its file stem).
-        if os.path.exists(requested) and getattr(lm, "name", None):
-            return str(lm.name)
+        """A store name is served under its short form; a path given on the command line under a clean name
+        made from its file name (`SmolLM2-135M.Q4_1.gguf` -> `smollm2-135m.q4_1`), never the path itself."""
+        if getattr(lm, "name", None):
+            return normalize_name(str(lm.name))
+        if os.path.exists(requested):
+            from ..store import default_name_for
+            return default_name_for(requested)
         return normalize_name(requested)
 
     def find(self, name: str) -> ModelEntry | None:
