@@ -75,3 +75,10 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
     if compile and (lm.metadata.get("quant") or "none") != "none":
         lm.attach_compiled(build_missing=True if compile is True else "background")
     return lm
+
+
+# Features above the seam's floor register their stages here, so every front end (all above this module) runs them.
+from .generate.pipeline import register as _register_stage  # noqa: E402
+from .rag.grounding import RetrievalStage as _RetrievalStage  # noqa: E402
+
+_register_stage(_RetrievalStage())

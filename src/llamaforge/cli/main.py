@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile": ("compile", "build a model's compiled decode step now (otherwise built in the background)"),
     "bench": ("bench", "benchmark against llama.cpp and transformers"),
     "eval": ("eval", "perplexity, KL divergence, benchmark tasks, lm-evaluation-harness"),
+    "rag": ("rag", "retrieval: ingest documents, search them, answer with citations, measure (rag --help)"),
 }
 
 

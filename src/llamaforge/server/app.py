@@ -110,6 +110,8 @@ def create_app(config: ServerConfig | None = None, *, preloaded: dict[str, Any] 
     app.include_router(ollama_admin_router)
     from .tokenize_routes import router as tokenize_router  # vLLM-style /tokenize (lm-eval local-completions)
     app.include_router(tokenize_router)
+    from .rag_routes import router as rag_router
+    app.include_router(rag_router)  # /v1/rag/... (retrieval collections)
     _add_basic_routes(app, state)
     _add_error_handlers(app)
 
