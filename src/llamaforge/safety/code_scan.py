@@ -84,7 +84,7 @@ def normalize_language(name: str | None) -> str | None:
         return None
     key = name.strip().lower().lstrip(".")
     key = re.split(r"[\s{,]", key)[0] if key else key
-    return ALIASES.get(key)
+    return key if key in LANGUAGES else ALIASES.get(key)
 
 
 def language_for_path(path) -> str | None:
