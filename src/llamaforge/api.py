@@ -70,3 +70,9 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
         from .model.aot import attach
         attach(lm, build_missing=True if compile is True else "background")
     return lm
+
+
+# Seam stages of floor-4 features (they run for every front end, all of which import this module).
+from .generate.pipeline import register as _register_stage  # noqa: E402
+from .safety.stages import register_stages as _register_safety_stages  # noqa: E402
+_register_safety_stages(_register_stage)  # guard_input, code_shield, guard_output, injection filter (issue 15)
