@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune", "fine-tune (SFT full/LoRA/QLoRA, DPO), merge adapters"),
     "compile": ("compile", "build a model's compiled decode step now (otherwise built in the background)"),
     "bench": ("bench", "benchmark against llama.cpp and transformers"),
+    "guard": ("guard", "safety: classify text (Llama Guard-style), evaluate guards, scan code (Code Shield-style)"),
 }
 
 

@@ -63,7 +63,16 @@ class Verdict:
                 "role": self.role, "model": self.model, "windows": self.windows}
 
 
-def _threshold(value, what: str) -> float:
+def decide(score: float, scores: Mapping[str, float], listed: Sequence[str], threshold: float,
+           thresholds: Mapping[str, float], excluded: Sequence[str]) -> list[str]:
+    """The flagged codes: listed ones whose threshold the unsafe score reaches, plus codes given an explicit
+    threshold that their own category score reaches (sorted S1..Sn)."""
+    flagged = {c for c in listed if c not in excluded and score >= thresholds.get(c, threshold)}
+    flagged |= {c for c, t in thresholds.items() if c not in excluded and scores.get(c, 0.0) >= t}
+    return sorted(flagged, key=lambda c: int(c[1:]))
+
+
+def threshold_value(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
         raise InvalidRequestError(f"{what} must be a number between 0 and 1, got {value!r}", field=what)
     return float(value)
@@ -87,11 +96,11 @@ class Guard:
         self.categories = tuple(c for c in self.all_categories if c.code not in self.excluded)
         if not self.categories:
             raise InvalidRequestError("every category is excluded; nothing left to check", field="excluded")
-        self.threshold = _threshold(threshold, "threshold")
+        self.threshold = threshold_value(threshold, "threshold")
         self.thresholds = {}
         for code, v in (thresholds or {}).items():
             check_codes([code], self.all_categories, "thresholds")
-            self.thresholds[code] = _threshold(v, f"thresholds.{code}")
+            self.thresholds[code] = threshold_value(v, f"thresholds.{code}")
         tok = lm.tokenizer
         if tok is None:
             raise GuardError(f"guard model {self.name} has no tokenizer")
@@ -202,10 +211,7 @@ class Guard:
                 listed = self._listed_codes(len(ids))
                 if not listed and shares:
                     listed = [max(shares, key=shares.get)]
-        flagged = [c for c in listed if score >= self.thresholds.get(c, self.threshold)]
-        flagged += [c for c, t in self.thresholds.items()
-                    if c not in flagged and c not in self.excluded and scores.get(c, 0.0) >= t]
-        flagged = sorted(set(flagged), key=lambda c: int(c[1:]))
+        flagged = decide(score, scores, listed, self.threshold, self.thresholds, self.excluded)
         return Verdict(not flagged, flagged, score, scores, role, self.name)
 
     def _forward(self, ids: Sequence[int], pos: int, all_positions: bool = False) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Guard prompt formats: Meta's Llama Guard 3 and 4 prompts, and the compact prompt of llamaforge's built-in guard.
+"""Guard prompt formats: Meta's Llama Guard 3 and 4 prompts.
 
 A format turns a conversation (alternating user / agent turns) and a category list into prompt parts for
 `tokenizer.chat.encode_parts`: structure text (control tokens recognised there only) and message contents (plain
@@ -66,7 +66,6 @@ class GuardFormat:
     safe_word: str = "safe"
     unsafe_word: str = "unsafe"
     required_tokens: tuple[str, ...] = ()  # control tokens the vocabulary must have
-    custom_categories: bool = True         # whether the prompt can carry a caller's own taxonomy
 
     def parts(self, turns: list[tuple[str, str]], categories: Sequence[Category]) -> list[Part]:
         raise NotImplementedError
@@ -131,28 +130,4 @@ LLAMA_GUARD_4 = LlamaGuardFormat(name="llama-guard-4", lead="", bos="<|begin_of_
                                                   "<|eot|>"))
 
 
-@dataclass(frozen=True)
-class CompactGuardFormat(GuardFormat):
-    """The built-in guard's prompt: a ChatML turn naming the fourteen codes, then the message to judge.
-
-    About 100 prompt tokens instead of Llama Guard's ~300, so a 135M-parameter model fine-tunes on it in minutes
-    on a CPU and answers in tens of milliseconds. It answers like Llama Guard: "safe", or "unsafe" and a line of
-    codes. The taxonomy is fixed (the model was trained on it); excluded codes are honoured on the answer.
-    """
-
-    name: str = "llamaforge-guard"
-    required_tokens: tuple[str, ...] = ("<|im_start|>", "<|im_end|>")
-    custom_categories: bool = False
-
-    def parts(self, turns, categories):
-        codes = "; ".join(f"{c.code} {c.name.lower()}" for c in categories)
-        speaker, text = turns[-1]
-        who = "assistant reply" if speaker == "agent" else "user message"
-        system = (f"You are a content safety classifier. Hazard categories: {codes}. "
-                  f"Answer 'safe', or 'unsafe' and the violated codes on a second line.")
-        return [(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nClassify this {who}:\n", False, False),
-                (text.strip(), True, False),
-                ("<|im_end|>\n<|im_start|>assistant\n", False, False)]
-
-
-FORMATS = {f.name: f for f in (LLAMA_GUARD_3, LLAMA_GUARD_4, CompactGuardFormat())}
+FORMATS = {f.name: f for f in (LLAMA_GUARD_3, LLAMA_GUARD_4)}

@@ -1,11 +1,11 @@
 """Loading guards: `load_guard(model=None, ...)`.
 
-- model None or "builtin": llamaforge's built-in guard, SmolLM2-135M-Instruct (the default model, already on
-  every install) with the LoRA adapter shipped in `safety/data/guard-adapter/`, prompted in the compact format.
+- model None or "builtin": llamaforge's built-in guard (`builtin_guard.HeadGuard`), a classifier head over the
+  default model SmolLM2-135M-Instruct, which every install already has.
 - any other store name or path: a Llama Guard 3 / 4 model. Its vocabulary must carry the format's control tokens
   and, when the model ships a chat template, that template must be Meta's guard prompt; otherwise the load fails
   with a `GuardError` that says why (a chat model is not a guard).
-- a `LoadedModel` works the same way (the caller loaded it).
+- a `LoadedModel` works the same way (the caller loaded it); a ready guard object is returned as it is.
 
 Guards are cached per (model, settings) so every request of a server shares one.
 """
@@ -20,11 +20,8 @@ from .categories import LLAMA_GUARD_3, MLCOMMONS, custom_categories
 from .classifier import DEFAULT_WINDOW, Guard, GuardError
 from .guard_format import LLAMA_GUARD_3 as LG3_FORMAT
 from .guard_format import LLAMA_GUARD_4 as LG4_FORMAT
-from .guard_format import CompactGuardFormat
 
 BUILTIN = "builtin"
-BUILTIN_DTYPE = "float32"    # the adapter is folded into dense weights (the packed fast path fuses q/k/v)
-ADAPTER_DIR = Path(__file__).resolve().parent / "data" / "guard-adapter"
 _GUARD_MARKERS = ("UNSAFE CONTENT CATEGORIES", "unsafe content in")
 
 _cache: dict[tuple, Guard] = {}
@@ -33,8 +30,11 @@ _lock = threading.Lock()
 
 def load_guard(model=None, *, categories=None, excluded: Sequence[str] = (), threshold: float = 0.5,
                thresholds: Mapping[str, float] | None = None, window: int = DEFAULT_WINDOW) -> Guard:
-    """A ready `Guard` (cached). See the module docstring for `model`; `categories` (a mapping or list, Llama Guard
-    models only), `excluded` codes, `threshold` and per-code `thresholds` as in `Guard`."""
+    """A ready `Guard` (cached). See the module docstring for `model` (a `Guard` is returned as it is);
+    `categories` (a mapping or list, Llama Guard models only), `excluded` codes, `threshold` and per-code
+    `thresholds` as in `Guard`."""
+    if isinstance(model, Guard):
+        return model
     key = (id(model) if not isinstance(model, (str, type(None), Path)) else str(model or BUILTIN),
            repr(categories), tuple(excluded), float(threshold), tuple(sorted((thresholds or {}).items())), window)
     with _lock:
@@ -52,9 +52,8 @@ def _build(model, categories, excluded, threshold, thresholds, window) -> Guard:
         if categories is not None:
             raise GuardError("the built-in guard knows the fixed S1-S14 taxonomy; custom categories need a "
                              "Llama Guard model (--guard-model)")
-        lm = builtin_model()
-        return Guard(lm, CompactGuardFormat(), LLAMA_GUARD_3, name="llamaforge-guard (builtin)", excluded=excluded,
-                     threshold=threshold, thresholds=thresholds, window=min(window, 512))
+        from .builtin_guard import HeadGuard
+        return HeadGuard(builtin_model(), excluded=excluded, threshold=threshold, thresholds=thresholds)
     lm = model
     if isinstance(model, (str, Path)):
         import llamaforge
@@ -96,20 +95,14 @@ _builtin: dict[str, object] = {}
 
 
 def builtin_model():
-    """SmolLM2 with the built-in guard adapter (loaded once per process; a separate copy from any chat model)."""
+    """SmolLM2 as the built-in guard reads it (loaded once per process, quantized fast path, no compiled step)."""
     with _builtin_lock:
         lm = _builtin.get("lm")
-        if lm is not None:
-            return lm
-        if not (ADAPTER_DIR / "adapter_model.safetensors").exists():
-            raise GuardError(f"the built-in guard adapter is missing from {ADAPTER_DIR} (a broken install?)")
-        import llamaforge
-        from ..train.lora import apply_adapter
-        try:
-            lm = llamaforge.load("smollm2", dtype=BUILTIN_DTYPE, compile=False)  # dense: the adapter merges
-        except LlamaforgeError as e:
-            raise GuardError(f"the built-in guard needs the default model smollm2: {e}") from None
-        apply_adapter(lm, ADAPTER_DIR)
-        lm.name = "llamaforge-guard"
-        _builtin["lm"] = lm
+        if lm is None:
+            import llamaforge
+            try:
+                lm = llamaforge.load("smollm2", compile=False)
+            except LlamaforgeError as e:
+                raise GuardError(f"the built-in guard needs the default model smollm2: {e}") from None
+            _builtin["lm"] = lm
         return lm

@@ -274,7 +274,7 @@ class _CodeShield(OutputFilter):
             line, self.line = self.line.split("\n", 1)
             emitted.append(self._line(line + "\n"))
         # A partial line outside a block streams unless it may become a fence opener.
-        if self.block is None and self.line and not re.match(r"^[ \t]{0,3}[`~]*$", self.line[:8]):
+        if self.block is None and self.line and not re.match(r"^[ \t]{0,3}([`~]|$)", self.line):
             emitted.append(self.line)
             self.line = ""
         s = "".join(emitted)
@@ -335,15 +335,14 @@ class _CodeShield(OutputFilter):
 
     def finish(self, result: Result) -> list[Delta]:
         tail = ""
-        if self.block is not None:  # the answer ended inside a code block
-            if self.line:
-                self.block.append(self.line)
-                self.line = ""
-            self.block.append("```\n" if not self.fence.startswith("~") else "~~~\n")
-            closed = self._close()
-            tail += closed
-        elif self.line:
-            tail += self._line(self.line) if _FENCE_OPEN.match(self.line) is None else self.line
+        if self.block is not None and self.line:  # the last line, without its newline (maybe the closing fence)
+            line, self.line = self.line, ""
+            tail += self._line(line)
+        if self.block is not None:  # the answer ended inside a code block: scan what there is
+            self.block.append("\n" + self.fence[0] * 3 + "\n")
+            tail += self._close()
+        elif self.line:  # a last partial line held because it began like a fence
+            tail += self.line
             self.line = ""
         verdict = "block" if self.blocked else "warn" if self.warned else "pass"
         _extra(result)["code"] = {"verdict": verdict, "findings": self.findings, "blocks": self.scanned,
