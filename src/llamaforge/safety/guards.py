@@ -33,8 +33,8 @@ def load_guard(model=None, *, categories=None, excluded: Sequence[str] = (), thr
     """A ready `Guard` (cached). See the module docstring for `model` (a `Guard` is returned as it is);
     `categories` (a mapping or list, Llama Guard models only), `excluded` codes, `threshold` and per-code
     `thresholds` as in `Guard`."""
-    if isinstance(model, Guard):
-        return model
+    if isinstance(model, Guard) or callable(getattr(model, "check", None)):
+        return model  # a ready guard (anything with check(content, role=...) -> Verdict)
     key = (id(model) if not isinstance(model, (str, type(None), Path)) else str(model or BUILTIN),
            repr(categories), tuple(excluded), float(threshold), tuple(sorted((thresholds or {}).items())), window)
     with _lock:
