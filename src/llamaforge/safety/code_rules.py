@@ -1,7 +1,7 @@
 """The fast pattern pass of the code scanner: insecure-code rules per language, each tagged with its CWE.
 
-Rules are regular expressions over one line of code with comments blanked out (strings are kept: a SQL string
-built with `+` is the finding). Severity "error" means the construct is dangerous as written (command or SQL
+Rules are regular expressions over one line of code with comments blanked out. String literals are kept (a SQL
+string built with `+` is the finding) but a match must start in code, so prose in a string is not a finding. Severity "error" means the construct is dangerous as written (command or SQL
 built from data, deserialising untrusted bytes, TLS verification off) and blocks; "warning" means it is risky
 depending on use (weak hashes, non-cryptographic randomness) and annotates. The CWE numbers follow MITRE's list
 and the choices CyberSecEval's insecure code detector made for the same constructs.
@@ -23,12 +23,13 @@ class Rule:
     severity: str          # "error" | "warning"
     message: str
     unless: re.Pattern | None = None   # the line is fine when this also matches (e.g. a safe loader)
+    in_strings: bool = False           # may start inside a string literal (embedded keys); others must be code
 
 
-def _r(id_, langs, pattern, cwe, severity, message, unless=None, flags=0) -> Rule:
+def _r(id_, langs, pattern, cwe, severity, message, unless=None, flags=0, in_strings=False) -> Rule:
     langs = tuple(langs.split()) if isinstance(langs, str) else tuple(langs)
     return Rule(id_, langs, re.compile(pattern, flags), cwe, severity, message,
-                re.compile(unless, flags) if unless else None)
+                re.compile(unless, flags) if unless else None, in_strings)
 
 
 C_FAMILY = "c cpp"
@@ -41,9 +42,10 @@ RULES: tuple[Rule, ...] = (
     _r("hardcoded-secret", ALL, _SECRETWORD + r"\w*\s*[:=]\s*[\"'][^\"'\s]{8,}[\"']", "CWE-798", "warning",
        "a credential is written into the source; read it from the environment or a secret store",
        unless=r"(?i)(example|changeme|your[_-]|<|\$\{|xxxx|placeholder|getenv|environ)"),
-    _r("aws-access-key", ALL, r"\bAKIA[0-9A-Z]{16}\b", "CWE-798", "error", "an AWS access key id is embedded"),
+    _r("aws-access-key", ALL, r"\bAKIA[0-9A-Z]{16}\b", "CWE-798", "error", "an AWS access key id is embedded",
+       in_strings=True),
     _r("private-key", ALL, r"-----BEGIN (RSA |EC |DSA |OPENSSH |ENCRYPTED )?PRIVATE KEY-----", "CWE-321", "error",
-       "a private key is embedded in the code"),
+       "a private key is embedded in the code", in_strings=True),
 
     # ---------------------------------------------------------------- Python
     _r("py-eval", "python", r"(?<![\w.])(eval|exec)\s*\((?!\s*[\"'][^\"']*[\"']\s*\))", "CWE-95", "error",
@@ -167,9 +169,9 @@ RULES: tuple[Rule, ...] = (
        r"(fmt\.Sprintf|\"[^\"]*\"\s*\+)", "CWE-89", "error", "SQL built from data; use ? / $1 placeholders"),
     _r("go-tls-off", "go", r"InsecureSkipVerify\s*:\s*true", "CWE-295", "error", "TLS verification is turned off"),
     _r("go-weak-crypto", "go", r"\b(md5|sha1)\.(New|Sum)\s*\(|\"crypto/(des|rc4|md5|sha1)\"", "CWE-328", "warning",
-       "MD5/SHA-1/DES/RC4 are broken for security uses"),
+       "MD5/SHA-1/DES/RC4 are broken for security uses", in_strings=True),  # import paths are strings
     _r("go-math-rand", "go", r"\"math/rand(/v2)?\"", "CWE-338", "warning",
-       "math/rand is predictable; use crypto/rand for secrets"),
+       "math/rand is predictable; use crypto/rand for secrets", in_strings=True),
     _r("go-template-html", "go", r"template\.(HTML|JS|URL)\s*\(", "CWE-79", "warning",
        "template.HTML marks data as safe HTML, bypassing escaping"),
     _r("go-file-perm", "go", r"os\.(WriteFile|OpenFile|Chmod|Mkdir|MkdirAll)\s*\(.*\b0?o?777\b", "CWE-732",

@@ -163,10 +163,16 @@ def extract_code_blocks(text: str) -> list[CodeBlock]:
 
 # ------------------------------------------------------------------------------------------ comments
 def blank_comments(code: str, language: str) -> str:
-    """The code with comment text replaced by spaces (line structure kept), so rules do not fire on prose.
-    String literals are respected: a '#' or '//' inside quotes is not a comment. Quotes other than backticks
-    end at the line end (an apostrophe in odd code cannot swallow the rest of the file)."""
+    """The code with comment text replaced by spaces (see `code_and_strings`)."""
+    return code_and_strings(code, language)[0]
+
+
+def code_and_strings(code: str, language: str) -> tuple[str, list[bool]]:
+    """(code with comment text replaced by spaces, per-character "inside a string literal" flags). Line structure
+    is kept. A '#' or '//' inside quotes is not a comment. Quotes other than backticks end at the line end (an
+    apostrophe in odd code cannot swallow the rest of the file)."""
     out: list[str] = []
+    mask: list[bool] = []
     i, n = 0, len(code)
     quote = None
     hash_comments = language in ("python", "shell", "php")
@@ -174,18 +180,22 @@ def blank_comments(code: str, language: str) -> str:
     while i < n:
         ch = code[i]
         if quote:
-            out.append(ch)
             if ch == "\\" and i + 1 < n and language != "shell":
-                out.append(code[i + 1])
+                out.append(code[i:i + 2])
+                mask += [True, True]
                 i += 2
                 continue
-            if ch == quote or (ch == "\n" and quote != "`"):
+            out.append(ch)
+            ended = ch == quote or (ch == "\n" and quote != "`")
+            mask.append(not ended or ch == quote)
+            if ended:
                 quote = None
             i += 1
             continue
         if ch in "\"'`":
             quote = ch
             out.append(ch)
+            mask.append(True)
             i += 1
             continue
         comment = False
@@ -198,29 +208,36 @@ def blank_comments(code: str, language: str) -> str:
             j = code.find("\n", i)
             j = n if j < 0 else j
             out.append(" " * (j - i))
+            mask += [False] * (j - i)
             i = j
             continue
         if slash_comments and code.startswith("/*", i):
             j = code.find("*/", i + 2)
             j = n if j < 0 else j + 2
             out.append("".join(c if c == "\n" else " " for c in code[i:j]))
+            mask += [False] * (j - i)
             i = j
             continue
         out.append(ch)
+        mask.append(False)
         i += 1
-    return "".join(out)
+    return "".join(out), mask
 
 
 # ------------------------------------------------------------------------------------------ passes
 def _pattern_pass(code: str, language: str, line_offset: int = 0) -> list[Finding]:
     findings = []
-    text = blank_comments(code, language)
+    text, in_string = code_and_strings(code, language)
     rules = rules_for(language)
+    start = 0
     for no, line in enumerate(text.split("\n"), start=1):
+        offset, start = start, start + len(line) + 1
         if not line.strip() or len(line) > 20000:
             continue
         for r in rules:
-            if r.pattern.search(line) and not (r.unless is not None and r.unless.search(line)):
+            if r.unless is not None and r.unless.search(line):
+                continue
+            if any(r.in_strings or not in_string[offset + m.start()] for m in r.pattern.finditer(line)):
                 findings.append(Finding(r.cwe, no + line_offset, r.id, r.severity, r.message, language))
     return findings
 
@@ -231,7 +248,8 @@ def semgrep_available() -> bool:
 
 def _semgrep_configs(language: str) -> list[str]:
     own = Path(__file__).resolve().parent / "data" / "semgrep"
-    configs = [str(p) for p in sorted(own.glob(f"{language}*.yaml"))]
+    mine = own / f"{'javascript' if language == 'typescript' else language}.yaml"
+    configs = [str(mine)] if mine.exists() else []
     try:
         import importlib.util
         spec = importlib.util.find_spec("codeshield")
