@@ -39,17 +39,18 @@ def features(lm, texts: Sequence[str]) -> torch.Tensor:
     tok = lm.tokenizer
     rows = [text_ids(tok, t)[:WINDOW + 8] for t in texts]
     dev = next(lm.model.parameters()).device
-    out = []
-    for i in range(0, len(rows), BATCH):
-        batch = rows[i:i + BATCH]
-        n = max(len(r) for r in batch)
-        x = torch.zeros(len(batch), n, dtype=torch.long, device=dev)
-        for j, r in enumerate(batch):
-            x[j, :len(r)] = torch.tensor(r)
+    order = sorted(range(len(rows)), key=lambda k: len(rows[k]))  # batch similar lengths: little padding
+    out: list = [None] * len(rows)
+    for i in range(0, len(order), BATCH):
+        idx = order[i:i + BATCH]
+        n = max(len(rows[k]) for k in idx)
+        x = torch.zeros(len(idx), n, dtype=torch.long, device=dev)
+        for j, k in enumerate(idx):
+            x[j, :len(rows[k])] = torch.tensor(rows[k])
         h = lm.model.hidden_states(x).float()               # [B, T, C]
-        for j, r in enumerate(batch):
-            hj = h[j, 1:len(r)]
-            out.append(torch.cat([hj.mean(0), hj[-1]]))
+        for j, k in enumerate(idx):
+            hj = h[j, 1:len(rows[k])]
+            out[k] = torch.cat([hj.mean(0), hj[-1]])
     return torch.stack(out).cpu()
 
 

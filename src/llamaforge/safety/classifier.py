@@ -1,7 +1,5 @@
-"""The guard classifier: one interface (`Guard.check`) over a guard model run by llamaforge's own engine.
-
-A guard is a causal LM prompted in a guard format (`guard_format`): Meta's Llama Guard 3 / 4, or the compact
-prompt of llamaforge's built-in guard (SmolLM2 with a LoRA adapter trained by `llamaforge finetune`). The verdict:
+"""The guard classifier for Llama Guard models run by llamaforge's own engine (`Guard.check`); the built-in guard
+(`builtin_guard.HeadGuard`) has the same interface and the same verdict rules (`decide`). The verdict:
 
 - `score` = the probability that the first verdict token is the first token of "unsafe" (softmax over the whole
   vocabulary at the position after the format's lead text), the number Llama Guard users threshold on;

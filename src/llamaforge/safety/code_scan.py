@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidRequestError
-from .code_rules import LANGUAGES, rules_for
+from .code_rules import LANGUAGES, prefilter, rules_for
 
 MAX_CODE_BYTES = 4 << 20          # 4 MiB per scan
 SEMGREP_TIMEOUT_S = 60
@@ -229,10 +229,11 @@ def _pattern_pass(code: str, language: str, line_offset: int = 0) -> list[Findin
     findings = []
     text, in_string = code_and_strings(code, language)
     rules = rules_for(language)
+    gate = prefilter(language)
     start = 0
     for no, line in enumerate(text.split("\n"), start=1):
         offset, start = start, start + len(line) + 1
-        if not line.strip() or len(line) > 20000:
+        if len(line) > 20000 or not gate.search(line):
             continue
         for r in rules:
             if r.unless is not None and r.unless.search(line):

@@ -56,8 +56,7 @@ def _build(model, categories, excluded, threshold, thresholds, window) -> Guard:
         return HeadGuard(builtin_model(), excluded=excluded, threshold=threshold, thresholds=thresholds)
     lm = model
     if isinstance(model, (str, Path)):
-        import llamaforge
-        lm = llamaforge.load(str(model))
+        lm = load_model_for_guard(str(model))
     fmt = detect_format(lm)
     cats = custom_categories(categories) if categories is not None else \
         (LLAMA_GUARD_3 if fmt is LG3_FORMAT else MLCOMMONS)
@@ -99,10 +98,26 @@ def builtin_model():
     with _builtin_lock:
         lm = _builtin.get("lm")
         if lm is None:
-            import llamaforge
             try:
-                lm = llamaforge.load("smollm2", compile=False)
+                lm = load_model_for_guard("smollm2")
             except LlamaforgeError as e:
                 raise GuardError(f"the built-in guard needs the default model smollm2: {e}") from None
             _builtin["lm"] = lm
         return lm
+
+
+def load_model_for_guard(name: str):
+    """A model by store name or path, as `llamaforge.load` gives it (fast in-memory format, a stored adapter
+    applied) minus the compiled decode step, which a guard does not need. (Loaded here, from the floors below,
+    because `llamaforge.api` imports the guard stages.)"""
+    from ..formats.load import load_model
+    from ..store import resolve
+    ref = resolve(name)
+    adapter = (ref.defaults or {}).get("adapter")
+    lm = load_model(ref.path, quant=None if adapter else "auto")
+    lm.name = ref.name or Path(ref.path).name
+    lm.defaults = dict(ref.defaults or {})
+    if adapter:
+        from ..train.lora import apply_adapter
+        apply_adapter(lm, adapter)
+    return lm
