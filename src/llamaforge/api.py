@@ -82,3 +82,5 @@ from .generate.pipeline import register as _register_stage  # noqa: E402
 from .rag.grounding import RetrievalStage as _RetrievalStage  # noqa: E402
 
 _register_stage(_RetrievalStage())
+from .safety.stages import register_stages as _register_safety_stages  # noqa: E402
+_register_safety_stages(_register_stage)  # guard_input, code_shield, guard_output, injection filter (issue 15)

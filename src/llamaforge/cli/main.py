@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "benchmark against llama.cpp and transformers"),
     "eval": ("eval", "perplexity, KL divergence, benchmark tasks, lm-evaluation-harness"),
     "rag": ("rag", "retrieval: ingest documents, search them, answer with citations, measure (rag --help)"),
+    "guard": ("guard", "safety: classify text (Llama Guard-style), evaluate guards, scan code (Code Shield-style)"),
 }
 
 

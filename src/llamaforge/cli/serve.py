@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="in-memory weight format (default: the fast packed format for the file; 'none' keeps "
                         "dense weights, whose batched results match single-request results exactly)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    # Safety shields for every request (issue 15); a request's own `guards` field overrides them.
+    p.add_argument("--guard-input", action="store_true", help="classify each prompt first; unsafe ones are "
+                   "refused (finish_reason content_filter) and the model does not run")
+    p.add_argument("--guard-output", action="store_true", help="check answers while they stream (held back in "
+                   "windows); an unsafe answer ends with finish_reason content_filter")
+    p.add_argument("--code-shield", action="store_true", help="scan code blocks in answers: insecure ones are "
+                   "withheld (or annotated for warnings)")
+    p.add_argument("--guard-model", metavar="M", default=None, help="a Llama Guard 3/4 model for the guards "
+                   "(default: llamaforge's built-in guard)")
     return p
 
 
@@ -81,7 +90,8 @@ def main(argv: list[str]) -> int:
                           max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, max_body=args.max_body,
                           allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
                           load_on_demand=not args.no_load_on_demand, max_loaded=args.max_loaded, dtype=args.dtype,
-                          quant=args.quant, max_connections=args.max_connections, exit_on_load_failure=True)
+                          quant=args.quant, max_connections=args.max_connections, exit_on_load_failure=True,
+                          guards=_guards(args))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llamaforge.server")
     if not is_loopback_host(args.host):
@@ -116,6 +126,18 @@ def _api_key(args) -> str | list[str] | None:
     if len(keys) > 1:
         return keys
     return (keys[0] if keys else None) or os.environ.get("LLAMAFORGE_API_KEY") or None
+def _guards(args):
+    """The default Guards of every request from --guard-input / --guard-output / --code-shield / --guard-model
+    (None when no shield is on); the guard model loads (and is validated) now, not on the first request."""
+    if not (args.guard_input or args.guard_output or args.code_shield):
+        if args.guard_model:
+            raise LlamaforgeError("--guard-model needs --guard-input or --guard-output")
+        return None
+    from ..generate.request import Guards
+    if args.guard_input or args.guard_output:
+        from ..safety import load_guard
+        load_guard(args.guard_model)  # GuardError ("not in Llama Guard format", ...) -> "Error: ..." exit 1
+    return Guards(input=args.guard_input, output=args.guard_output, code=args.code_shield, model=args.guard_model)
 
 
 def _limit_threads() -> None:

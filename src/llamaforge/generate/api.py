@@ -105,12 +105,15 @@ class TokenStream:
                     if self._logprobs is not None:
                         self._logprobs.append((ev.id, ev.logprob, ev.top_logprobs))
                     text = "".join(d.text for d in self._output.feed(ev.text))
-                    if ev.finish_reason is not None:
-                        tail, result = self._output.finish(ev.finish_reason)
+                    withheld = ev.finish_reason is None and self._output.stopped  # an output guard blocked
+                    if ev.finish_reason is not None or withheld:
+                        tail, result = self._output.finish(ev.finish_reason or "stop")
                         text += "".join(d.text for d in tail)
                         self.completion = _completion(req, result, self._logprobs)
                         ev = ev._replace(finish_reason=result.finish_reason)
                     yield ev._replace(text=text)
+                    if withheld:
+                        return  # the finally clause cancels the request
         finally:
             self.close()
 

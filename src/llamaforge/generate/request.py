@@ -54,6 +54,7 @@ class Guards:
     output: bool = False
     code: bool = False
     model: str | None = None
+    injection: str | None = None  # flagged tool results / retrieved passages: "mark" (default), "drop", "off"
 
 
 @dataclass

@@ -72,6 +72,11 @@ class Output:
             deltas = f.feed(deltas)
         return self._note(deltas)
 
+    @property
+    def stopped(self) -> bool:
+        """A filter withholds the rest of the answer (an output guard blocked it): generating more is wasted."""
+        return any(getattr(f, "stop", False) for f in self.filters)
+
     def finish(self, finish_reason: str | None) -> tuple[list[Delta], Result]:
         self.result.finish_reason = finish_reason
         tail: list[Delta] = []

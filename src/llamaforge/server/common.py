@@ -184,9 +184,12 @@ class Choice:
                 self.token_ids.append(ev.id)
             self.logprobs.append((ev.id, ev.logprob, ev.top_logprobs))
             deltas = self.output.feed(ev.text)
-            if ev.finish_reason is not None:
-                tail, self.result = self.output.finish(ev.finish_reason)
+            withheld = ev.finish_reason is None and getattr(self.output, "stopped", False)  # output guard
+            if ev.finish_reason is not None or withheld:
+                tail, self.result = self.output.finish(ev.finish_reason or "stop")
                 deltas = deltas + tail
+                if withheld:
+                    self.finish_reason = self.result.finish_reason
         self.text += "".join(d.text for d in deltas)
         if ev.finish_reason is not None:
             self.finish_reason = self.result.finish_reason
@@ -240,7 +243,12 @@ class Generation:
         while not self.done:
             index, ev = await self.queue.get()
             choice = self.choices[index]
+            if choice.finish_reason is not None:
+                continue  # a late event of a choice an output guard already ended
             deltas = choice.add(ev)
+            if choice.finish_reason is not None and ev.finish_reason is None:  # ended by an output guard
+                self.scheduler.cancel(choice.stream)
+                ev = ev._replace(finish_reason=choice.finish_reason)
             yield choice, ev, deltas
 
     async def run_to_end(self) -> None:

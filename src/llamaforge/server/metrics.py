@@ -162,4 +162,15 @@ class Metrics:
         for m in (self.requests, self.latency, self.prompt_tokens, self.generated_tokens, self.cancelled,
                   self.rejected, self.ttft, self.batch_size, self.active, self.queued, self.loaded):
             lines += m.render()
+        lines += _guard_counter().render()
         return "\n".join(lines) + "\n"
+
+
+def _guard_counter() -> Counter:
+    """Guard decisions of this process (safety.stats), per check, result and category (hazard code or CWE)."""
+    from ..safety import stats
+    c = Counter("llamaforge_guard_decisions_total", "Guard decisions by check (input, output, code, injection), "
+                "result and category", ("check", "result", "category"))
+    for (check, result, category), n in stats.snapshot().items():
+        c.inc(n, check=check, result=result, category=category)
+    return c
