@@ -214,7 +214,9 @@ def save_adapter(model: nn.Module, out_dir, base_model: str | None = None) -> Pa
     return out
 
 
-def read_adapter_config(adapter_dir) -> dict:
+def read_adapter_config(adapter_dir, *, modules_to_save: tuple[str, ...] = ()) -> dict:
+    """The validated adapter_config.json. modules_to_save: whole modules the caller loads itself (a reward
+    model's `score` head); any other saved module is refused."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise ModelFormatError(adapter_dir, f"not a LoRA adapter directory: {ADAPTER_CONFIG} is missing")
@@ -229,15 +231,17 @@ def read_adapter_config(adapter_dir) -> dict:
     for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
         if cfg.get(key) == bad:
             raise ModelFormatError(path, f"unsupported adapter option {key}={bad}")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise ModelFormatError(path, "adapters that train biases or save whole modules are not supported")
+    saved = cfg.get("modules_to_save") or []
+    if cfg.get("bias", "none") != "none" or not isinstance(saved, list) or set(saved) - set(modules_to_save):
+        raise ModelFormatError(path, "adapters that train biases or save whole modules are not supported"
+                               + (f" (other than {', '.join(modules_to_save)})" if modules_to_save else ""))
     r = cfg.get("r")
     if not isinstance(r, int) or r <= 0 or not isinstance(cfg.get("lora_alpha", 8), (int, float)):
         raise ModelFormatError(path, f"invalid rank r={r!r} or lora_alpha={cfg.get('lora_alpha')!r}")
     return cfg
 
 
-def _read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
+def read_adapter_tensors(adapter_dir) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     d = Path(adapter_dir)
@@ -263,9 +267,13 @@ def _module_name(key: str, path) -> tuple[str, str]:
 def load_adapter(model: nn.Module, adapter_dir, *, dropout: float | None = None,
                  quantize_base: bool = False) -> list[str]:
     """Wrap `model`'s layers as the adapter says and load its weights; returns the wrapped module names."""
-    cfg = read_adapter_config(adapter_dir)
-    tensors = _read_adapter_tensors(adapter_dir)
-    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    return load_lora_tensors(model, read_adapter_config(adapter_dir), read_adapter_tensors(adapter_dir),
+                             Path(adapter_dir) / ADAPTER_WEIGHTS, dropout=dropout, quantize_base=quantize_base)
+
+
+def load_lora_tensors(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], path, *,
+                      dropout: float | None = None, quantize_base: bool = False) -> list[str]:
+    """load_adapter's work on an already read config and LoRA tensors (`path` names them in errors)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name, which = _module_name(key, path)
