@@ -17,7 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cp": ("store_cmds", "copy a model under a new name"),
     "convert": ("convert", "convert a model to a Hugging Face directory or GGUF"),
     "tokenize": ("tokenize", "print the token ids of a text"),
-    "finetune": ("finetune", "fine-tune (SFT full/LoRA/QLoRA, DPO), merge adapters"),
+    "finetune": ("finetune", "fine-tune (SFT full/LoRA/QLoRA, DPO, KTO, ORPO, reward model, RS, GRPO), merge"),
+    "reward": ("reward", "score preference pairs with a reward model (pairwise accuracy)"),
     "compile": ("compile", "build a model's compiled decode step now (otherwise built in the background)"),
     "bench": ("bench", "benchmark against llama.cpp and transformers"),
 }
