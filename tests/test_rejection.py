@@ -88,3 +88,23 @@ def test_reward_model_as_scorer(tmp_path, prompts):
     kept = [json.loads(x) for x in (tmp_path / "o" / "round-1" / "kept.jsonl").read_text().splitlines()]
     assert len(kept) == 8 and all(isinstance(k["reward"], float) for k in kept)
     assert len({round(k["reward"], 6) for k in kept}) > 1 and res.steps == 2
+
+
+def test_resume_skips_finished_rounds_and_continues(tmp_path, prompts):
+    from safetensors.torch import load_file
+    reward = _reward(tmp_path)
+    first = train(_cfg(tmp_path, prompts, reward, max_steps=2, rs_rounds=2), lm=TinyLM(tiny_llama()),
+                  chat_format=FMT)
+    out = tmp_path / "rs"
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    # A new process (fresh model) asked for 3 rounds with --resume: rounds 1-2 come from disk, round 3 samples
+    # from the round-2 adapter.
+    again = train(_cfg(tmp_path, prompts, reward, max_steps=2, rs_rounds=3, resume=True), lm=TinyLM(tiny_llama()),
+                  chat_format=FMT)
+    assert again.rounds[:2] == first.rounds and len(again.rounds) == 3 and again.steps == 6
+    # The round-3 samples are what the uninterrupted 3-round run samples.
+    straight = train(_cfg(tmp_path, prompts, reward, max_steps=2, rs_rounds=3, out=str(tmp_path / "s")),
+                     lm=TinyLM(tiny_llama()), chat_format=FMT)
+    assert (out / "round-3" / "kept.jsonl").read_text() == (tmp_path / "s" / "round-3" / "kept.jsonl").read_text()
+    assert straight.rounds[2]["kept_reward_mean"] == pytest.approx(again.rounds[2]["kept_reward_mean"])
+    assert set(saved) == set(load_file(str(out / "adapter_model.safetensors")))

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .._fs import atomic_write_text
+from ..errors import InvalidRequestError
 from .config import TrainConfig
 from .data import DataReport, DatasetError, Example, load_dataset
 from .grpo import prompt_of
@@ -28,6 +29,7 @@ from .strategies import make_strategy
 from .trainer import TrainResult, Trainer, _LazyChatFormat, load_base_model
 
 SUMMARY_FILE = "rejection_sampling.json"
+ROUND_FILE = "round.json"
 
 
 def _score_each(reward, records, texts, failures: Counter) -> list[float | None]:
@@ -82,8 +84,13 @@ def rejection_sampling(cfg: TrainConfig, lm=None, chat_format=None, examples: li
     result = TrainResult(out=out, steps=0, data_report=report)
     sft_cfg = dataclasses.replace(cfg, task="sft", data="")
     strategy = make_strategy(sft_cfg)
+    if cfg.resume and cfg.method == "full":
+        raise InvalidRequestError("resuming rejection sampling needs LoRA/QLoRA (rounds restart from their "
+                                  "saved adapters)", field="resume")
     for r in range(1, cfg.rs_rounds + 1):
         rdir = out / f"round-{r}"
+        if cfg.resume and _resume_round(rdir, lm, strategy, result):
+            continue
         torch.manual_seed(cfg.seed + r)
         groups = sample_completions(lm, [e.ids for e in prompts], cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                                     temperature=cfg.temperature, seed=cfg.seed, salt=(r,), stop_ids=stop_ids)
@@ -122,11 +129,30 @@ def rejection_sampling(cfg: TrainConfig, lm=None, chat_format=None, examples: li
         for why, n in failures.items():
             result.skipped[f"round {r}: {why} (sample dropped)"] += n
         result.rounds.append(stats)
+        atomic_write_text(rdir / ROUND_FILE, json.dumps(stats, indent=2) + "\n")  # last: the round is complete
         atomic_write_text(out / SUMMARY_FILE, json.dumps({"rounds": result.rounds}, indent=2) + "\n")
     if result.steps:
         result.saved = strategy.save_final(lm.model, out, lm)
     atomic_write_text(out / "train_config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     return result
+
+
+def _resume_round(rdir: Path, lm, strategy, result: TrainResult) -> bool:
+    """A round finished by an earlier run: put its adapter on the model and take its statistics."""
+    f = rdir / ROUND_FILE
+    if not f.is_file():
+        return False
+    from .lora import ADAPTER_WEIGHTS, load_adapter, lora_modules
+    stats = json.loads(f.read_text())
+    if stats.get("steps"):
+        if not (rdir / ADAPTER_WEIGHTS).is_file():
+            return False
+        if not lora_modules(lm.model):
+            strategy.prepare(lm.model)   # same LoRA layout (and NF4 base for QLoRA) as the run that wrote it
+        load_adapter(lm.model, rdir, dropout=strategy.cfg.lora_dropout)
+        result.steps += stats["steps"]
+    result.rounds.append(stats)
+    return True
 
 
 def _mean(xs) -> float | None:

@@ -432,7 +432,8 @@ def plot_metrics(metrics_path: Path, png: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
     fig.tight_layout()
     try:
         with atomic_file(png) as tmp:
