@@ -120,3 +120,14 @@ def test_reward_model_bad_input(tmp_path, data):
     from llamaforge.train.lora import apply_adapter
     with pytest.raises(ModelFormatError, match="whole modules"):
         apply_adapter(TinyLM(tiny_llama()), tmp_path / "rm-lora")
+
+
+def test_qlora_reward_model_scores_the_same_after_reload(tmp_path, data):
+    lm, _ = _train_rm(tmp_path, data[0], method="qlora", steps=2)
+    held = load_dataset(data[1], FMT, kind="preference")
+    rm = load_reward_model(tmp_path / "rm-qlora", base_lm=TinyLM(tiny_llama()), chat_format=FMT)
+    ids = [e.ids for e in held]
+    with torch.no_grad():
+        want = torch.cat([last_token_rewards(lm.model.eval(), torch.tensor([r]), torch.tensor([len(r)]))
+                          for r in ids])
+    torch.testing.assert_close(rm.score_ids(ids), want, atol=1e-4, rtol=1e-4)

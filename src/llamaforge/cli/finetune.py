@@ -57,7 +57,7 @@ def _train_parser(task: str) -> argparse.ArgumentParser:
     a("--batch-size", type=int, help="examples (prompts for rs/grpo) per micro-batch per process (default 4)")
     a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     a("--max-seq-len", type=int, help="longer examples are errors (or skipped with --skip-bad)")
-    if task == "sft":
+    if task in ("sft", "rs"):
         a("--packing", action="store_const", const=True,
           help="pack examples into max-seq-len rows (per-document attention and positions)")
     a("--lora-r", type=int)

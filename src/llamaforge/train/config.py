@@ -123,8 +123,8 @@ class TrainConfig:
             if self.task == "grpo" and self.group_size < 2:
                 bad("group_size", f"must be at least 2 for grpo: advantages are relative to the group, and a "
                                   f"group of {self.group_size} has none")
-            if self.packing:
-                bad("packing", f"is for sft data; {self.task} builds its own batches")
+        if self.packing and self.task not in ("sft", "rs"):
+            bad("packing", f"packs SFT examples (sft, and rs's SFT rounds); {self.task} trains on whole examples")
         if self.task == "kto" and self.batch_size < 2:
             bad("batch_size", "must be at least 2 for kto: the KL reference point is estimated from mismatched "
                               "prompt/completion pairs within a micro-batch")

@@ -73,6 +73,8 @@ class KTOStrategy(PolicyStrategy):
         # The KL rows pair each prompt with the previous example's completion (mismatched pairs, as the paper
         # and TRL estimate z0); with one example the pair would be matched, so batch_size >= 2 is required.
         n = len(examples)
+        if any(e.prompt_len is None or e.label is None for e in examples):
+            raise ValueError("KTO examples need prompt_len and label (data.load_dataset kind='unpaired')")
         rows = [(e.ids, e.mask) for e in examples]
         for i, e in enumerate(examples):
             o = examples[i - 1] if n > 1 else e

@@ -22,7 +22,7 @@ from .._fs import atomic_write_bytes, atomic_write_text, read_bounded
 from ..errors import InvalidRequestError, ModelFormatError
 from .data import Example, collate_preference
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, adapter_config, lora_state_dict
-from .strategies import PolicyStrategy, save_full_model
+from .strategies import PolicyStrategy, quantize_decoder_linears, save_full_model
 
 META_FILE = "reward_model.json"
 HEAD_FILE = "reward_head.safetensors"
@@ -195,6 +195,21 @@ class RewardModel:
                 "mean_margin": float(diff.mean())}
 
 
+def _dequantize_nf4(model: nn.Module) -> None:
+    """Replace NF4 layers (a QLoRA base's untargeted layers) by plain Linear layers with the same weights."""
+    from .nf4 import NF4Linear
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, NF4Linear):
+            w = mod.dequantized_weight(torch.float32)
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=mod.bias is not None, device=w.device)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias.detach().float())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, lin)
+
+
 def load_reward_model(path, *, base=None, base_lm=None, chat_format=None) -> RewardModel:
     """Load a reward model written by `finetune rm`.
 
@@ -224,8 +239,12 @@ def load_reward_model(path, *, base=None, base_lm=None, chat_format=None) -> Rew
             if not spec:
                 raise InvalidRequestError(f"{d}: the base model is not recorded; name it (--base)", field="base")
             lm = load_base_model(spec)
+        if meta["method"] == "qlora":
+            # Trained against an NF4 base: score against the same weights (NF4, then dequantized below).
+            quantize_decoder_linears(lm.model)
         load_lora_tensors(lm.model, cfg, tensors, d / ADAPTER_WEIGHTS, dropout=0.0)
         merge_lora(lm.model)  # dense weights: scoring costs what the base model costs
+        _dequantize_nf4(lm.model)
     C = lm.config.hidden_size
     if head is None or tuple(head.shape) != (1, C):
         raise ModelFormatError(d, f"the reward head must be a [1, {C}] tensor named {HEAD_KEY}, got "
