@@ -165,7 +165,8 @@ def worker_grpo_quality(a) -> dict:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"side": "llamaforge", "heldout_reward_before": before, "heldout_reward_after": after,
             "max_reward": 1.0, "steps": res.steps, "skipped": dict(res.skipped), "train_s": secs,
-            "per_step": [{k: r[k] for k in ("step", "reward_mean", "reward_std", "kl", "completion_len", "loss")
+            "per_step": [{k: r[k] for k in ("step", "reward_mean", "reward_std", "kl", "completion_len", "loss",
+                                            "tokens_per_s", "rollout_s")
                           if k in r} for r in rows], "before": before_rows, "after": after_rows}
 
 

@@ -12,6 +12,7 @@ A reward that raises or returns NaN skips the step (counted in the result's summ
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 import torch
@@ -82,7 +83,7 @@ class GRPOStrategy(PolicyStrategy):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self._step_tokens = (None, 0)
+        self._step_tokens = (None, 0, 0.0)   # (step, tokens trained on, seconds sampling + scoring)
 
     def attach(self, lm, chat_format, examples: list[Example]) -> None:
         self.lm = lm
@@ -109,6 +110,7 @@ class GRPOStrategy(PolicyStrategy):
 
     def collate(self, micro: list[Example]) -> dict:
         c, G = self.cfg, self.cfg.group_size
+        t0 = time.perf_counter()
         prompts = [e.ids for e in micro]
         comps = sample_completions(self.lm, prompts, G, max_new_tokens=c.max_new_tokens,
                                    temperature=c.temperature, top_p=1.0, seed=c.seed,
@@ -119,10 +121,11 @@ class GRPOStrategy(PolicyStrategy):
         batch["advantages"] = group_advantages(rewards).flatten()
         batch["rewards"] = rewards.flatten()
         batch["completion_len"] = torch.tensor([len(x.token_ids) for x in flat], dtype=torch.float32)
-        step, n = self._step_tokens
-        n = (n if step == self.current_step else 0) + sum(len(p) * G for p in prompts) + \
-            sum(len(x.token_ids) for x in flat)
-        self._step_tokens = (self.current_step, n)
+        step, n, secs = self._step_tokens
+        if step != self.current_step:
+            n, secs = 0, 0.0
+        n += sum(len(p) * G for p in prompts) + sum(len(x.token_ids) for x in flat)
+        self._step_tokens = (self.current_step, n, secs + time.perf_counter() - t0)
         return batch
 
     def loss_sum(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -143,9 +146,10 @@ class GRPOStrategy(PolicyStrategy):
         sq = stats.pop("reward_sq", 0.0)
         out = {"loss": stats.pop("loss", 0.0), "reward_mean": mean, "reward_std": math.sqrt(max(0.0, sq - mean ** 2))}
         out.update(stats)
-        step, n = self._step_tokens
+        step, n, secs = self._step_tokens
         if step == self.current_step and n:
             out["tokens"] = n   # prompt and completion tokens this process trained on
+            out["rollout_s"] = secs  # of the step's time: sampling and scoring
         return out
 
     @torch.no_grad()
