@@ -411,8 +411,8 @@ def chart(table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def main(argv=None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                     help="comma list: llamaforge[:QUANT] (QUANT: none, bf16, int8, q4), llama.cpp, hf-fp32, hf-bf16")

@@ -282,6 +282,20 @@ BOMBS = [
     "{{ 2 ** 100000000 }}",
     "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",
 ]
+# Found by hostile testing (issue 17): constructs the in-process checks did not reach. Each must end in a
+# TemplateError within the worker's deadline, with the worker's memory bounded.
+HOSTILE = [
+    "{{ ''|slice(20000000)|select|list|length }}",
+    "{{ 'a'.ljust(10**9) }}",
+    "{{ lipsum(60000) }}",
+    "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}"
+    "{{ d('ab', 40) }}",
+    "{% set ns = namespace(x=[1]) %}{% for i in range(28) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}"
+    "{{ ns.x|tojson }}",
+    "{{ range(99999)|map('string')|join('x' * 5000) }}",
+    "{{ 'x'.zfill(2000000000) }}",
+    "{% for i in range(99999) %}{% for j in range(99999) %}{{ (i ~ j)[:0] }}{% endfor %}{% endfor %}",
+]
 
 
 @pytest.mark.parametrize("template", ESCAPES)
@@ -297,6 +311,17 @@ def test_sandbox_bounds_resources(smol, template):
     with pytest.raises(TemplateError):
         JinjaChatFormat(smol, template).encode(CONVERSATIONS[0])
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("template", HOSTILE)
+def test_hostile_templates_are_bounded(smol, template):
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(TemplateError):
+        JinjaChatFormat(smol, template).encode(CONVERSATIONS[0])
+    assert time.monotonic() - t0 < 8
+    # The worker that rendered it is gone or healthy: the next render works.
+    assert JinjaChatFormat(smol, smol.chat_template).encode(CONVERSATIONS[0])
 
 
 def test_broken_templates(smol):

@@ -29,6 +29,25 @@ def test_serve_unknown_model_fails_fast():
     assert r.returncode == 1 and "Error: model 'no-such-model-xyz' not found" in r.stderr
 
 
+def test_serve_exits_with_the_error_when_a_named_file_cannot_load(tmp_path):
+    bad = tmp_path / "README.md"
+    bad.write_text("# not a model\n")
+    r = subprocess.run([sys.executable, "-m", "llamaforge", "serve", str(bad), "--port", str(_free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "Error: failed to load" in r.stderr and "README.md" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_model_served_by_path_gets_a_clean_name(smollm2_gguf):
+    from llamaforge.server.models import ModelManager
+
+    class Lm:
+        name = None
+    assert ModelManager._entry_name(str(smollm2_gguf), Lm()) == "smollm2-135m-instruct.q4_1"
+    Lm.name = "library/smollm2:latest"
+    assert ModelManager._entry_name("smollm2", Lm()) == "smollm2"
+
+
 def test_serve_health_key_and_sigterm(smollm2_gguf):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -69,7 +88,8 @@ def test_serve_health_key_and_sigterm(smollm2_gguf):
             lines += list(it)
         data = [x for x in lines if x.startswith("data: ")]
         assert data[-1] == "data: [DONE]"
-        assert json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "stop"
+        # The stream says it was cut by the shutdown (issue 17), not a normal-looking "stop".
+        assert json.loads(data[-2][6:])["error"]["code"] == "shutting_down"
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:

@@ -25,4 +25,4 @@ def main(argv: list[str]) -> int:
         module = runpy.run_path(str(script), run_name="llamaforge_bench")
     finally:
         sys.path.remove(str(script.parent))
-    return int(module["main"](argv) or 0)
+    return int(module["main"](argv, prog="llamaforge bench") or 0)

@@ -5,7 +5,11 @@ The sandbox blocks attribute escapes (`__globals__`, `__class__`, ...); on top o
 - output, string concatenation (`~`, `+`), repetition (`*`), `%`-formatting and the widening filters are
   bounded by `max_output` characters,
 - every `for` loop draws from one iteration budget and a wall-clock deadline, so nested loops cannot hang,
-- recursion errors become TemplateError.
+- calls (string methods such as `ljust`, filters such as `slice`) with size arguments over the bound are
+  refused, `lipsum` is gone, `tojson` output is bounded,
+- recursion errors become TemplateError,
+- and the render itself runs in a worker process with a memory limit and a deadline after which it is killed
+  (`template_worker.py`), which bounds whatever the checks above do not know about.
 The options (trim_blocks, lstrip_blocks, loopcontrols, tojson, raise_exception, strftime_now) match
 transformers' chat-template environment so templates render exactly as they do there.
 """
@@ -28,7 +32,7 @@ from ..errors import TemplateError
 
 MAX_OUTPUT_CHARS = 1_000_000
 MAX_LOOP_ITERATIONS = 1_000_000
-MAX_SECONDS = 5.0
+MAX_SECONDS = 2.0   # cooperative deadline inside the worker (the worker is killed a little later)
 MAX_TEMPLATE_CHARS = 200_000
 _FORMAT_WIDTH = re.compile(r"%[-+ #0]*(\d+)")
 # The budget of the render running on this thread (formats are shared by server threads).
@@ -56,7 +60,11 @@ class _Budget:
         self.iterations += 1
         if self.iterations > MAX_LOOP_ITERATIONS:
             raise TemplateError(f"chat template runs more than {MAX_LOOP_ITERATIONS} loop iterations")
-        if self.iterations % 1024 == 0 and time.monotonic() > self.deadline:
+        if self.iterations % 1024 == 0:
+            self.check_time()
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
             raise TemplateError(f"chat template took longer than {MAX_SECONDS} s to render")
 
 
@@ -87,12 +95,14 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         self.max_output = max_output
         self.filters["tojson"] = _tojson
-        for name in ("center", "indent", "format", "replace", "join", "wordwrap"):
+        for name in ("center", "indent", "format", "replace", "join", "wordwrap", "slice", "batch", "truncate",
+                     "tojson", "list", "string"):
             self.filters[name] = self._bounded_filter(self.filters[name], name)
         self.globals["raise_exception"] = _raise_exception
         self.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.globals["lf_loop_guard"] = self._loop_guard
         self.globals["namespace"] = _Namespace
+        self.globals.pop("lipsum", None)  # no chat template needs it; it can generate text for seconds
 
     def _limit(self) -> int:
         budget = _budget()
@@ -101,6 +111,14 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
     # -- sandbox hooks --
     def unsafe_undefined(self, obj, attribute):
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+        # Every call a template makes (string methods like 'a'.ljust(n) included): no size argument past the bound.
+        limit = __self._limit()
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool) and a > limit:
+                raise TemplateError(f"chat template call with an argument larger than {limit}")
+        return __self.lf_checked(super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(self, context, operator, left, right):
         budget = _budget()
@@ -124,7 +142,9 @@ class SandboxEnvironment(ImmutableSandboxedEnvironment):
     def lf_checked(self, value):
         budget = _budget()
         if budget is not None:
-            budget.check_size(value, "string")
+            if isinstance(value, (str, list, tuple, dict)):
+                budget.check_size(value, "value")
+            budget.check_time()
         return value
 
     def _loop_guard(self, iterable):
@@ -183,8 +203,14 @@ class ChatTemplate:
             raise TemplateError("chat template is nested too deeply") from None
 
     def render(self, *, extra_output: int = 0, **context) -> str:
-        """Render with `context`; the output bound is the environment's plus `extra_output` (the caller's
-        input size, so long legitimate conversations fit while a template cannot amplify its input)."""
+        """Render with `context` (JSON-like values) in a worker process; the output bound is the environment's
+        plus `extra_output` (the caller's input size, so long legitimate conversations fit while a template
+        cannot amplify its input)."""
+        from .template_worker import render_in_worker
+        return render_in_worker(self.source, self.env.max_output, max(0, int(extra_output)), context)
+
+    def render_in_process(self, *, extra_output: int = 0, **context) -> str:
+        """The render itself, with the in-process bounds (what a worker runs)."""
         env = self.env
         limit = env.max_output + max(0, int(extra_output))
         outer = _budget()  # renders do not nest today, but restore whatever was there
@@ -213,3 +239,14 @@ class ChatTemplate:
         finally:
             _state.budget = outer
         return "".join(out)
+
+
+def render_here(cache: dict, source: str, max_output: int, extra_output: int, context: dict) -> str:
+    """The render a worker runs: compile (cached per source) and render with every in-process bound."""
+    key = (source, max_output)
+    tmpl = cache.get(key)
+    if tmpl is None:
+        if len(cache) >= 32:
+            cache.pop(next(iter(cache)))
+        tmpl = cache[key] = ChatTemplate(source, max_output)
+    return tmpl.render_in_process(extra_output=extra_output, **context)

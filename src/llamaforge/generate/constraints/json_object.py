@@ -253,12 +253,3 @@ class JsonObjectStage(Stage):
         tok = plan.lm.tokenizer
         stops = set(getattr(tok, "stop_ids", ()) or ()) | set(plan.params.stop_ids)
         return [JsonLogitsProcessor(tok, sorted(stops))]
-
-
-def json_processors(entry) -> list:
-    """(Transitional, used by the server routes until they go through the seam.)"""
-    tok = entry.lm.tokenizer
-    stops = set(getattr(tok, "stop_ids", ()) or ())
-    fmt = getattr(entry, "_chat_format", None)
-    stops |= set(getattr(fmt, "stop_ids", ()) or ())
-    return [JsonLogitsProcessor(tok, sorted(stops))]
