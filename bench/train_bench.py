@@ -107,7 +107,7 @@ def exact_match(lm, fmt, rows) -> tuple[float, list[dict]]:
 
 def run_accuracy(args) -> dict:
     from llamaforge.train.config import TrainConfig
-    from llamaforge.train.trainer import train
+    from llamaforge.train.jobs import train
     torch.set_num_threads(args.threads)
     heldout = [json.loads(line) for line in (DATA / "quorvath_heldout.jsonl").read_text().splitlines()]
     lm = load_smollm2()

@@ -8,7 +8,7 @@ import torch
 from llamaforge.train.config import TrainConfig
 from llamaforge.train.data import collate_preference, load_dataset
 from llamaforge.train.strategies import DPOStrategy, dpo_loss, sequence_logps
-from llamaforge.train.trainer import train
+from llamaforge.train.jobs import train
 from test_train_utils import ChatMLFormat, TinyLM, tiny_llama, write_jsonl
 
 FMT = ChatMLFormat()

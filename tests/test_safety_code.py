@@ -4,7 +4,6 @@ JSON output format, so the parsing is checked on every machine)."""
 from __future__ import annotations
 
 import json
-import os
 import stat
 from pathlib import Path
 

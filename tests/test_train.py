@@ -11,7 +11,8 @@ from llamaforge.errors import InvalidRequestError
 from llamaforge.train import checkpoint as ckpt
 from llamaforge.train.config import TrainConfig
 from llamaforge.train.lora import LoRALinear
-from llamaforge.train.trainer import lr_at, train
+from llamaforge.train.jobs import train
+from llamaforge.train.trainer import lr_at
 from test_train_utils import FACTS, ChatMLFormat, TinyLM, fact_records, tiny_llama, write_jsonl
 
 

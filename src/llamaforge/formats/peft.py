@@ -18,8 +18,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def read_adapter_config(adapter_dir) -> dict:
-    """The validated `adapter_config.json` of an adapter directory; ModelFormatError says what is wrong."""
+def read_adapter_config(adapter_dir, *, modules_to_save: tuple[str, ...] = ()) -> dict:
+    """The validated `adapter_config.json` of an adapter directory; ModelFormatError says what is wrong.
+    modules_to_save: whole modules the caller loads itself (a reward model's `score` head); any other is refused."""
     d = Path(adapter_dir)
     if not d.is_dir():
         raise ModelFormatError(d, "not a LoRA adapter directory (not a directory)")
@@ -39,8 +40,10 @@ def read_adapter_config(adapter_dir) -> dict:
     for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
         if cfg.get(key) == bad:
             raise ModelFormatError(path, f"unsupported adapter option {key}={bad}")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise ModelFormatError(path, "adapters that train biases or save whole modules are not supported")
+    saved = cfg.get("modules_to_save") or []
+    if cfg.get("bias", "none") != "none" or not isinstance(saved, list) or set(map(str, saved)) - set(modules_to_save):
+        raise ModelFormatError(path, "adapters that train biases or save whole modules are not supported"
+                               + (f" (other than {', '.join(modules_to_save)})" if modules_to_save else ""))
     r = cfg.get("r")
     alpha = cfg.get("lora_alpha", 8)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0 or not isinstance(alpha, (int, float)):

@@ -156,14 +156,19 @@ class Llama(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       input_pos: int | torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                      span: int | None = None):
+                      span: int | None = None, *, position_ids: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None):
         """Final-norm hidden states [B, T, C].
 
         input_pos: absolute position of input_ids[:, 0]; an int for all rows or a LongTensor [B] per row.
         rows: which cache rows the batch rows map to (default 0..B-1).
         span: with per-row positions, how many cache positions to attend (default: the furthest position + 1,
             read back from the tensor).
+        position_ids [B, T] and attn_mask [B, 1, T, T] (bool, True = may attend), without a cache: packed
+            training rows, whose positions restart per document and whose attention is block-diagonal.
         """
+        if (position_ids is not None or attn_mask is not None) and cache is not None:
+            raise ValueError("position_ids/attn_mask are for cache-free (training) forwards")
         B, T = input_ids.shape
         dev = input_ids.device
         x = self.model.embed_tokens(input_ids)  # [B, T, C]
@@ -185,6 +190,10 @@ class Llama(nn.Module):
             # Likewise a prompt written from position 0: plain causal attention over its own T keys.
             if getattr(cache, "static", False) or start is None or (T > 1 and start != 0):
                 mask = (torch.arange(keys, device=dev)[None, None, :] <= positions[:, :, None])[:, None]  # [B,1,T,S]
+        if position_ids is not None:
+            positions = position_ids.to(dev)
+        if attn_mask is not None:
+            mask = attn_mask.to(dev)
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
         step = Step(cos, sin, cache, rows, positions, mask, keys, start)
         for layer in self.model.layers:
@@ -196,8 +205,10 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 input_pos: int | torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                last_only: bool = False, span: int | None = None) -> torch.Tensor:
-        h = self.hidden_states(input_ids, cache, input_pos, rows, span)
+                last_only: bool = False, span: int | None = None, *, position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, cache, input_pos, rows, span, position_ids=position_ids,
+                               attn_mask=attn_mask)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

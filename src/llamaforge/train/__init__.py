@@ -14,7 +14,10 @@ def __getattr__(name):
     if name == "TrainConfig":
         from .config import TrainConfig
         return TrainConfig
-    if name in ("train", "Trainer", "TrainResult"):
+    if name == "train":
+        from .jobs import train
+        return train
+    if name in ("Trainer", "TrainResult"):
         from . import trainer
         return getattr(trainer, name)
     if name in ("apply_adapter", "LoRALinear"):

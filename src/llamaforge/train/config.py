@@ -10,13 +10,20 @@ from typing import Any, Mapping
 from ..errors import InvalidRequestError
 
 METHODS = ("full", "lora", "qlora")
-TASKS = ("sft", "dpo")
+TASKS = ("sft", "dpo", "rm", "kto", "orpo", "rs", "grpo")
+ONLINE_TASKS = ("rs", "grpo")  # generate their own training data from prompts
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
 class TrainConfig:
-    """Fine-tuning settings. `task` sft|dpo, `method` full|lora|qlora (DPO uses full or LoRA the same way)."""
+    """Fine-tuning settings. `task` sft|dpo|rm|kto|orpo|rs|grpo, `method` full|lora|qlora.
+
+    sft: supervised. dpo/kto/orpo: preference optimisation. rm: a reward model (scalar head, Bradley-Terry).
+    rs: rejection-sampling fine-tuning. grpo: group relative policy optimisation. rs and grpo read prompts
+    (`data`) and score sampled completions with `reward` (see train/rewards.py: a reward-model directory,
+    `regex:PATTERN`, `json-schema:FILE`, `exact`, or a Python file defining `reward(prompt, completion)`).
+    """
 
     model: str = ""                 # store name or path (GGUF file, HF dir, Meta dir)
     data: str = ""                  # JSON/JSONL training file
@@ -40,6 +47,18 @@ class TrainConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     dpo_beta: float = 0.1
+    kto_beta: float = 0.1           # KTO's beta (Ethayarajh et al. 2024)
+    kto_desirable_weight: float = 1.0    # lambda_D
+    kto_undesirable_weight: float = 1.0  # lambda_U
+    orpo_lambda: float = 0.1        # weight of the odds-ratio term (Hong et al. 2024)
+    reward: str = ""                # rs/grpo: how completions are scored (train/rewards.py)
+    group_size: int = 8             # rs: K samples per prompt; grpo: G completions per prompt (>= 2)
+    max_new_tokens: int = 64        # rs/grpo: completion length limit
+    temperature: float = 1.0        # rs/grpo sampling temperature (top-k/top-p off: the policy's own law)
+    grpo_beta: float = 0.04         # KL coefficient to the reference (adapter disabled); 0 = no KL term
+    grpo_epsilon: float = 0.2       # clip range of the policy ratio
+    rs_rounds: int = 2              # rs: sample -> score -> keep -> SFT rounds
+    rs_threshold: float | None = None    # rs: keep the best sample only if its reward is >= this
     seed: int = 0
     eval_split: float = 0.0         # fraction (<1) or count (>=1) of examples held out
     eval_every: int | None = None   # steps; default: at the end only
@@ -66,7 +85,8 @@ class TrainConfig:
             bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.precision not in PRECISIONS:
             bad("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for f in ("batch_size", "grad_accum", "max_seq_len", "lora_r", "log_every", "keep_checkpoints"):
+        for f in ("batch_size", "grad_accum", "max_seq_len", "lora_r", "log_every", "keep_checkpoints",
+                  "group_size", "max_new_tokens", "rs_rounds"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f, f"must be a positive integer, got {v!r}")
@@ -76,7 +96,8 @@ class TrainConfig:
                 bad(f, f"must be a positive integer, got {v!r}")
         if self.warmup_steps < 0:
             bad("warmup_steps", "must be >= 0")
-        for f in ("lr", "epochs", "lora_alpha", "dpo_beta"):
+        for f in ("lr", "epochs", "lora_alpha", "dpo_beta", "kto_beta", "orpo_lambda", "temperature",
+                  "grpo_epsilon"):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(f, f"must be a positive number, got {v!r}")
@@ -88,6 +109,25 @@ class TrainConfig:
             bad("weight_decay/max_grad_norm/eval_split", "must be >= 0")
         if not self.target_modules:
             bad("target_modules", "must name at least one module")
+        for f in ("kto_desirable_weight", "kto_undesirable_weight", "grpo_beta"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(f, f"must be a number >= 0, got {v!r}")
+        if self.rs_threshold is not None and (isinstance(self.rs_threshold, bool) or not isinstance(
+                self.rs_threshold, (int, float)) or not math.isfinite(self.rs_threshold)):
+            bad("rs_threshold", f"must be a finite number, got {self.rs_threshold!r}")
+        if self.task in ONLINE_TASKS:
+            if not isinstance(self.reward, str) or not self.reward.strip():
+                bad("reward", f"is required for {self.task} (a reward model directory, regex:PATTERN, "
+                              "json-schema:FILE, exact, or a Python file defining reward(prompt, completion))")
+            if self.task == "grpo" and self.group_size < 2:
+                bad("group_size", f"must be at least 2 for grpo: advantages are relative to the group, and a "
+                                  f"group of {self.group_size} has none")
+        if self.packing and self.task not in ("sft", "rs"):
+            bad("packing", f"packs SFT examples (sft, and rs's SFT rounds); {self.task} trains on whole examples")
+        if self.task == "kto" and self.batch_size < 2:
+            bad("batch_size", "must be at least 2 for kto: the KL reference point is estimated from mismatched "
+                              "prompt/completion pairs within a micro-batch")
         return self
 
     @classmethod

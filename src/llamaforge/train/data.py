@@ -37,17 +37,43 @@ class _BadRecord(Exception):
 
 @dataclass
 class Example:
-    """One tokenized training example. For preference data `ids/mask` is the chosen side."""
+    """One tokenized training example. For preference data `ids/mask` is the chosen side.
+
+    doc_lens: for a packed row, the lengths of the documents it holds, in order (None: one document).
+    label: for unpaired (KTO) data, whether the completion is desirable. margin: an optional preference
+    margin (Llama 2's reward-model loss). record: the source record, for prompt-only data (GRPO, rejection
+    sampling: the reward sees the prompt and reference answer). prompt_len: where the reply starts in `ids`.
+    """
 
     ids: list[int]
     mask: list[bool]
     line: int
     rejected_ids: list[int] | None = None
     rejected_mask: list[bool] | None = None
+    doc_lens: list[int] | None = None
+    label: bool | None = None
+    margin: float | None = None
+    record: dict | None = None
+    prompt_len: int | None = None
 
     @property
     def n_tokens(self) -> int:
         return len(self.ids) + len(self.rejected_ids or ())
+
+    @property
+    def n_targets(self) -> int:
+        """Tokens that carry a loss: masked tokens that have a previous token in their own document."""
+        return sum(sum(self.mask[a + 1:b]) for a, b in _doc_spans(self.doc_lens, len(self.ids)))
+
+
+def _doc_spans(doc_lens: list[int] | None, n: int) -> list[tuple[int, int]]:
+    if not doc_lens:
+        return [(0, n)]
+    spans, a = [], 0
+    for k in doc_lens:
+        spans.append((a, a + k))
+        a += k
+    return spans
 
 
 @dataclass
@@ -238,27 +264,118 @@ def _encode(chat_format, messages) -> tuple[list[int], list[bool]]:
     return ids, mask
 
 
-def _completion_only(chat_format, prompt, reply) -> tuple[list[int], list[bool]]:
+def _completion_only(chat_format, prompt, reply) -> tuple[list[int], list[bool], int]:
     # Learn from (or score) only the reply, not assistant turns inside a multi-turn prompt.
+    # Returns (ids, mask, prompt length): the reply's tokens start at ids[prompt length].
     ids, mask = _encode(chat_format, prompt + reply)
     p_ids, _ = _encode(chat_format, prompt)
     if ids[:len(p_ids)] != p_ids:
         raise _BadRecord("the chat format does not encode the prompt as a prefix of prompt+reply")
     mask = [False] * len(p_ids) + mask[len(p_ids):]
-    return ids, mask
+    return ids, mask, len(p_ids)
+
+
+KINDS = ("sft", "preference", "unpaired", "prompt")
+
+
+def unpaired_messages(rec: Any) -> list[tuple[list[dict], list[dict], bool]]:
+    """An unpaired (KTO) record {"prompt", "completion", "label": bool} -> [(prompt, reply, desirable)];
+    a preference pair gives two: its chosen reply desirable and its rejected reply not (as TRL unpairs them)."""
+    if isinstance(rec, dict) and ("chosen" in rec or "rejected" in rec):
+        prompt, chosen, rejected = preference_messages(rec)
+        return [(prompt, chosen, True), (prompt, rejected, False)]
+    if not isinstance(rec, dict):
+        raise _BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+    for k in ("prompt", "completion", "label"):
+        if k not in rec:
+            raise _BadRecord(f"unpaired record is missing {k!r} (or give a 'chosen'/'rejected' pair)")
+    if not isinstance(rec["label"], bool):
+        raise _BadRecord(f"'label' must be true (desirable) or false (undesirable), got {rec['label']!r}")
+    p, c = rec["prompt"], rec["completion"]
+    prompt = [{"role": "user", "content": _text(p, "prompt")}] if isinstance(p, str) else _messages(p, "prompt")
+    if isinstance(c, str):
+        if not c.strip():
+            raise _BadRecord("empty 'completion'")
+        reply = [{"role": "assistant", "content": c}]
+    else:
+        reply = _messages(c, "completion")
+    return [(prompt, reply, rec["label"])]
+
+
+def prompt_messages(rec: Any) -> list[dict]:
+    """A prompt record for rejection sampling / GRPO: {"prompt": str | messages, ...} or {"messages": [...]}
+    ending with a user turn. Other fields (such as "answer") stay in the record for the reward."""
+    if not isinstance(rec, dict):
+        raise _BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+    if "prompt" in rec:
+        p = rec["prompt"]
+        msgs = [{"role": "user", "content": _text(p, "prompt")}] if isinstance(p, str) else _messages(p, "prompt")
+    elif "messages" in rec:
+        msgs = _messages(rec["messages"], "messages")
+    else:
+        raise _BadRecord("prompt record needs 'prompt' (a string or a list of messages) or 'messages'")
+    if msgs[-1]["role"] == "assistant":
+        raise _BadRecord("the prompt ends with an assistant turn; the model needs something to answer")
+    if not any(m["content"].strip() for m in msgs):
+        raise _BadRecord("empty prompt")
+    return msgs
+
+
+def _margin(rec: dict) -> float | None:
+    m = rec.get("margin")
+    if m is None:
+        return None
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or m != m or abs(m) == float("inf"):
+        raise _BadRecord(f"'margin' must be a finite number, got {m!r}")
+    return float(m)
+
+
+def _record_examples(kind: str, rec, chat_format, line: int, max_seq_len: int, reserve: int) -> list[Example]:
+    if kind == "sft":
+        if isinstance(rec, dict) and "input_ids" in rec:
+            ids, mask = pretokenized(rec)
+        else:
+            ids, mask = _encode(chat_format, sft_messages(rec))
+        exs = [Example(ids, mask, line)]
+    elif kind == "preference":
+        prompt, chosen, rejected = preference_messages(rec)
+        ids, mask, p_len = _completion_only(chat_format, prompt, chosen)
+        rej = _completion_only(chat_format, prompt, rejected)
+        exs = [Example(ids, mask, line, rej[0], rej[1], margin=_margin(rec), prompt_len=p_len)]
+    elif kind == "unpaired":
+        exs = []
+        for prompt, reply, label in unpaired_messages(rec):
+            ids, mask, p_len = _completion_only(chat_format, prompt, reply)
+            exs.append(Example(ids, mask, line, label=label, prompt_len=p_len))
+    else:  # prompt
+        msgs = prompt_messages(rec)
+        ids = [int(i) for i in chat_format.encode(msgs, add_generation_prompt=True)]
+        if len(ids) + reserve > max_seq_len:
+            raise _BadRecord(f"prompt is {len(ids)} tokens; with max_new_tokens={reserve} that exceeds "
+                             f"max_seq_len={max_seq_len}", "too long")
+        return [Example(ids, [False] * len(ids), line, record=rec, prompt_len=len(ids))]
+    for e in exs:
+        n = max(len(e.ids), len(e.rejected_ids or ()))
+        if n > max_seq_len:
+            raise _BadRecord(f"example is {n} tokens, longer than max_seq_len={max_seq_len}", "too long")
+        if not any(e.mask[1:]) or (e.rejected_mask is not None and not any(e.rejected_mask[1:])):
+            raise _BadRecord("no assistant tokens to learn from after tokenization")
+    return exs
 
 
 def load_dataset(path, chat_format, *, kind: str = "sft", max_seq_len: int = 2048, skip_bad: bool = False,
-                 report: DataReport | None = None) -> list[Example]:
-    """Read and tokenize a training file. kind: "sft" or "preference".
+                 report: DataReport | None = None, reserve: int = 0) -> list[Example]:
+    """Read and tokenize a training file. kind: "sft", "preference" (prompt/chosen/rejected, optional margin),
+    "unpaired" (prompt/completion/label, or pairs split in two) or "prompt" (prompts to sample from).
 
-    SFT records may also be pre-tokenized: {"input_ids": [...], "mask": [...]}.
+    SFT records may also be pre-tokenized: {"input_ids": [...], "mask": [...]}. For prompts, `reserve` tokens
+    (max_new_tokens) must fit after the prompt within max_seq_len.
     Records with invalid JSON, missing fields, unknown roles, empty assistant turns, or more than max_seq_len
     tokens raise DatasetError(path, line), or are skipped and counted in `report` when skip_bad is set.
     """
     from ..errors import TemplateError, TokenizerError
-    if kind not in ("sft", "preference"):
-        raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     report = report if report is not None else DataReport()
     out: list[Example] = []
     for line, rec, err in iter_records(path):
@@ -266,29 +383,14 @@ def load_dataset(path, chat_format, *, kind: str = "sft", max_seq_len: int = 204
         try:
             if err is not None:
                 raise _BadRecord(err)
-            if kind == "sft" and isinstance(rec, dict) and "input_ids" in rec:
-                ids, mask = pretokenized(rec)
-                n, rej = len(ids), None
-            elif kind == "sft":
-                ids, mask = _encode(chat_format, sft_messages(rec))
-                n, rej = len(ids), None
-            else:
-                prompt, chosen, rejected = preference_messages(rec)
-                ids, mask = _completion_only(chat_format, prompt, chosen)
-                rej = _completion_only(chat_format, prompt, rejected)
-                n = max(len(ids), len(rej[0]))
-            if n > max_seq_len:
-                raise _BadRecord(f"example is {n} tokens, longer than max_seq_len={max_seq_len}", "too long")
-            if not any(mask[1:]) or (rej is not None and not any(rej[1][1:])):
-                raise _BadRecord("no assistant tokens to learn from after tokenization")
+            exs = _record_examples(kind, rec, chat_format, line, max_seq_len, reserve)
         except (_BadRecord, TemplateError, TokenizerError) as e:
             reason = str(e.args[0]) if e.args else str(e)
             if not skip_bad:
                 raise DatasetError(path, line, reason + " (use --skip-bad to skip such records)") from None
             report.skipped[e.args[1] if len(e.args) > 1 else _reason_kind(reason)] += 1
             continue
-        ex = Example(ids, mask, line) if rej is None else Example(ids, mask, line, rej[0], rej[1])
-        out.append(ex)
+        out.extend(exs)
         report.kept += 1
     if not out:
         raise DatasetError(path, None, f"no usable examples ({report.summary()})")
@@ -305,43 +407,70 @@ def _reason_kind(reason: str) -> str:
 def pack_examples(examples: Sequence[Example], max_seq_len: int) -> list[Example]:
     """Concatenate SFT examples into rows of at most max_seq_len tokens, in order (greedy).
 
-    Packed documents attend to earlier documents in the same row (plain causal attention, as most packing
-    trainers do); the loss mask still covers only assistant tokens.
+    Each row records its documents' lengths (`doc_lens`); `collate` turns them into positions that restart at
+    0 per document and a block-diagonal causal mask, so a packed document sees only itself and a packed batch
+    gives the same loss as the same documents unpacked (as HF's padding-free collator with a varlen kernel).
     """
     rows: list[Example] = []
-    cur_ids: list[int] = []
-    cur_mask: list[bool] = []
-    first_line = None
+    cur: list[Example] = []
+
+    def flush():
+        if cur:
+            rows.append(Example([i for e in cur for i in e.ids], [m for e in cur for m in e.mask], cur[0].line,
+                                doc_lens=[len(e.ids) for e in cur]))
+            cur.clear()
+
     for ex in examples:
-        if cur_ids and len(cur_ids) + len(ex.ids) > max_seq_len:
-            rows.append(Example(cur_ids, cur_mask, first_line))
-            cur_ids, cur_mask = [], []
-        if not cur_ids:
-            first_line = ex.line
-        cur_ids = cur_ids + ex.ids
-        cur_mask = cur_mask + ex.mask
-    if cur_ids:
-        rows.append(Example(cur_ids, cur_mask, first_line))
+        if ex.doc_lens and len(ex.doc_lens) > 1:
+            raise ValueError("pack_examples: an example is already packed")
+        if cur and sum(len(e.ids) for e in cur) + len(ex.ids) > max_seq_len:
+            flush()
+        cur.append(ex)
+    flush()
     return rows
 
 
-def collate(rows: Sequence[tuple[list[int], list[bool]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids [B, T] and next-token labels [B, T] (IGNORE where no loss is taken)."""
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] document ids -> [B, 1, T, T] bool: query t may attend key s iff s <= t in the same document."""
+    T = doc_ids.shape[1]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+def collate(rows: Sequence[tuple[list[int], list[bool]]], pad_id: int = 0,
+            doc_lens: Sequence[list[int] | None] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids [B, T] and next-token labels [B, T] (IGNORE where no loss is taken).
+
+    With packed rows (any doc_lens given) also `position_ids` [B, T], restarting at 0 per document, and
+    `doc_ids` [B, T] (padding gets -1); no label crosses a document boundary.
+    """
     T = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    packed = doc_lens is not None and any(d for d in doc_lens)
+    if packed:
+        position_ids = torch.arange(T).repeat(len(rows), 1)
+        doc_ids = torch.full((len(rows), T), -1, dtype=torch.long)
     for b, (ids, mask) in enumerate(rows):
         n = len(ids)
         input_ids[b, :n] = torch.tensor(ids, dtype=torch.long)
-        # Position t predicts token t+1: it is a target iff token t+1 is one the model must learn.
-        tgt = torch.tensor(ids[1:], dtype=torch.long)
-        keep = torch.tensor(mask[1:], dtype=torch.bool)
-        labels[b, :n - 1] = torch.where(keep, tgt, torch.full_like(tgt, IGNORE))
-    return {"input_ids": input_ids, "labels": labels}
+        for d, (s, e) in enumerate(_doc_spans(doc_lens[b] if packed else None, n)):
+            # Position t predicts token t+1: it is a target iff token t+1 is one the model must learn.
+            tgt = torch.tensor(ids[s + 1:e], dtype=torch.long)
+            keep = torch.tensor(mask[s + 1:e], dtype=torch.bool)
+            labels[b, s:e - 1] = torch.where(keep, tgt, torch.full_like(tgt, IGNORE))
+            if packed:
+                position_ids[b, s:e] = torch.arange(e - s)
+                doc_ids[b, s:e] = d
+    out = {"input_ids": input_ids, "labels": labels}
+    if packed:
+        out.update(position_ids=position_ids, doc_ids=doc_ids)
+    return out
 
 
 def collate_sft(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    return collate([(e.ids, e.mask) for e in examples], pad_id)
+    return collate([(e.ids, e.mask) for e in examples], pad_id, [e.doc_lens for e in examples])
 
 
 def collate_preference(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:

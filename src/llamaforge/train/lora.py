@@ -220,9 +220,13 @@ def _module_name(key: str, path) -> tuple[str, str]:
 
 def load_adapter(model: nn.Module, adapter_dir, *, dropout: float | None = None) -> list[str]:
     """Wrap `model`'s layers as the adapter says and load its weights; returns the wrapped module names."""
-    cfg = read_adapter_config(adapter_dir)
-    tensors = read_adapter_tensors(adapter_dir)
-    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    return load_lora_tensors(model, read_adapter_config(adapter_dir), read_adapter_tensors(adapter_dir),
+                             Path(adapter_dir) / ADAPTER_WEIGHTS, dropout=dropout)
+
+
+def load_lora_tensors(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], path, *,
+                      dropout: float | None = None) -> list[str]:
+    """load_adapter's work on an already read config and LoRA tensors (`path` names them in errors)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         name, which = _module_name(key, path)

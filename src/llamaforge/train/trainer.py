@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,9 @@ from ..errors import InvalidRequestError
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataReport, DatasetError, Example, load_dataset, pack_examples, split_eval
-from .strategies import Strategy, make_strategy
+from .base_model import LazyChatFormat, load_base_model  # noqa: F401  (load_base_model: re-exported)
+from .registry import make_strategy
+from .strategies import SkipStep, Strategy
 
 
 @dataclass
@@ -34,6 +37,14 @@ class TrainResult:
     eval: dict = field(default_factory=dict)                 # final evaluation metrics
     saved: Path | None = None
     data_report: DataReport | None = None
+    skipped: Counter = field(default_factory=Counter)       # reason -> optimizer steps skipped (bad rewards)
+    rounds: list[dict] = field(default_factory=list)         # rejection sampling: per-round statistics
+
+    def skipped_summary(self) -> str:
+        """One line on what was skipped (steps, or samples for rejection sampling); empty when nothing was."""
+        if not self.skipped:
+            return ""
+        return "skipped: " + "; ".join(f"{v} x {k}" for k, v in self.skipped.most_common())
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -96,25 +107,6 @@ class _Dist:
             dist.destroy_process_group()
 
 
-def load_base_model(spec: str):
-    """A LoadedModel with dense float32 weights from a path (GGUF / HF dir / Meta dir) or a store name.
-
-    Dense weights: no packed/fused inference fast path. A store model created with an adapter gets it applied
-    (folded in), as `llamaforge.load` would.
-    """
-    from ..formats.load import load_model
-    if Path(spec).exists():
-        return load_model(spec)
-    from ..store import resolve
-    ref = resolve(spec)
-    lm = load_model(ref.path, dtype="float32")
-    lm.name, lm.defaults = ref.name, dict(ref.defaults or {})
-    if lm.defaults.get("adapter"):
-        from .lora import apply_adapter
-        apply_adapter(lm, lm.defaults["adapter"])
-    return lm
-
-
 def _pick_device(cfg: TrainConfig, dist_local_rank: int) -> torch.device:
     if cfg.device != "auto":
         return torch.device(cfg.device)
@@ -149,13 +141,13 @@ class Trainer:
         self.model = model.to(device=self.device, dtype=torch.float32)
         self.strategy: Strategy = make_strategy(cfg)
         self.report = DataReport()
+        chat = self._chat_format or LazyChatFormat(lm)
         if self._examples is not None:
             examples = list(self._examples)
         else:
-            chat = self._chat_format or _LazyChatFormat(lm)
-            kind = "preference" if self.strategy.kind == "preference" else "sft"
-            examples = load_dataset(cfg.data, chat, kind=kind, max_seq_len=cfg.max_seq_len,
-                                    skip_bad=cfg.skip_bad, report=self.report)
+            reserve = cfg.max_new_tokens if self.strategy.kind == "prompt" else 0
+            examples = load_dataset(cfg.data, chat, kind=self.strategy.kind, max_seq_len=cfg.max_seq_len,
+                                    skip_bad=cfg.skip_bad, report=self.report, reserve=reserve)
         vocab = self.model.config.vocab_size
         for e in examples:
             if max(e.ids + (e.rejected_ids or [])) >= vocab:
@@ -165,6 +157,7 @@ class Trainer:
         self.train_set, self.eval_set = split_eval(examples, cfg.eval_split, cfg.seed)
         if cfg.packing and self.strategy.kind == "sft":
             self.train_set = pack_examples(self.train_set, cfg.max_seq_len)
+        self.strategy.attach(lm, chat, examples)
         self.strategy.prepare(self.model)
         if self.dist.rank:  # LoRA init was identical everywhere; dropout masks should differ between ranks
             torch.manual_seed(cfg.seed + self.dist.rank)
@@ -259,12 +252,20 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
+        """One optimizer step. A strategy that raises SkipStep (e.g. a reward that failed) skips the update on
+        every rank; the returned metrics then carry `skipped` (the reason) and no loss."""
         batch = self._global_batch(step)
         norm = max(1, self.strategy.count(batch))
         self.model.train()
+        self.strategy.current_step = step
         stats: dict[str, torch.Tensor] = {}
+        skip = None
         for micro in self._my_micro_batches(batch):
-            b = {k: v.to(self.device) for k, v in self.strategy.collate(micro).items()}
+            try:
+                b = {k: v.to(self.device) for k, v in self.strategy.collate(micro).items()}
+            except SkipStep as e:
+                skip = e.reason
+                break
             with self.autocast():
                 loss_sum, st = self.strategy.loss_sum(self.model, b)
             (loss_sum / norm).backward()
@@ -275,9 +276,15 @@ class Trainer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        keys = sorted(set(stats) | {"loss"})
-        packed_stats = torch.stack([torch.as_tensor(stats.get(k, 0.0), dtype=torch.float32) for k in keys])
+        keys = sorted(set(stats) | {"loss"}) if skip is None else ["loss"]
+        packed_stats = torch.stack([torch.as_tensor(stats.get(k, 0.0), dtype=torch.float32) for k in keys]
+                                   + [torch.tensor(float(skip is not None))])
         self.dist.all_reduce_(grads + [packed_stats])
+        if float(packed_stats[-1]) > 0:  # some rank skipped: nobody steps, so the replicas stay identical
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"skipped": skip or "skipped on another rank", "lr": lr_at(step, self.cfg, self.total_steps),
+                    "tokens": 0}
+        packed_stats = packed_stats[:-1]
         gnorm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params],
                                                self.cfg.max_grad_norm or float("inf"))
         lr = lr_at(step, self.cfg, self.total_steps)
@@ -285,15 +292,19 @@ class Trainer:
             g["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = {k: float(v) / norm for k, v in zip(keys, packed_stats)}
-        out.update(lr=lr, grad_norm=float(gnorm), tokens=sum(e.n_tokens for e in batch))
+        out = self.strategy.step_metrics({k: float(v) / norm for k, v in zip(keys, packed_stats)})
+        out.update(lr=lr, grad_norm=float(gnorm), tokens=int(out.pop("tokens", sum(e.n_tokens for e in batch))))
         return out
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss (and DPO reward stats) over the held-out split."""
+        """Mean loss (and DPO reward stats) over the held-out split; strategies that sample (GRPO) report the
+        held-out reward instead."""
         if not self.eval_set:
             return {}
+        own = self.strategy.evaluate(self.model, self.eval_set)
+        if own is not None:
+            return {f"eval_{k}": v for k, v in own.items()}
         self.model.eval()
         totals: dict[str, float] = {}
         bs = self.cfg.batch_size
@@ -325,12 +336,16 @@ class Trainer:
                 m.update(step=step + 1, epoch=round(step / self.steps_per_epoch, 4), tokens_per_s=m["tokens"] / dt)
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < self.total_steps:
                     m.update(self.evaluate())
-                result.losses.append(m["loss"])
+                if "skipped" in m:
+                    result.skipped[m["skipped"]] += 1
+                else:
+                    result.losses.append(m["loss"])
                 result.steps = step + 1
                 if d.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps):
                     _append_jsonl(self.metrics_path, m)
-                if bar is not None:
+                if bar is not None and "loss" in m:
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+                if bar is not None:
                     bar.update(1)
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < self.total_steps:
                     self._save_checkpoint(step + 1)
@@ -347,23 +362,6 @@ class Trainer:
             return result
         finally:
             d.close()
-
-
-class _LazyChatFormat:
-    """The model's chat format, resolved on the first text record (pre-tokenized data needs none)."""
-
-    def __init__(self, lm):
-        self.lm, self._fmt = lm, None
-
-    def encode_with_mask(self, messages):
-        if self._fmt is None:
-            tok = getattr(self.lm, "tokenizer", None)
-            if tok is None:
-                raise InvalidRequestError("the model has no tokenizer, so text data cannot be encoded for it; "
-                                          "use pre-tokenized records ({\"input_ids\": [...], \"mask\": [...]})")
-            from ..tokenizer.chat import chat_format_for
-            self._fmt = chat_format_for(tok)
-        return self._fmt.encode_with_mask(messages)
 
 
 def _progress(total: int, start: int, enabled: bool):
@@ -400,7 +398,8 @@ def plot_metrics(metrics_path: Path, png: Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
     fig.tight_layout()
     try:
         with atomic_file(png) as tmp:
@@ -408,8 +407,3 @@ def plot_metrics(metrics_path: Path, png: Path) -> Path | None:
     finally:
         plt.close(fig)
     return png
-
-
-def train(cfg: TrainConfig, lm=None, chat_format=None, examples=None) -> TrainResult:
-    """Run one fine-tuning job (see Trainer)."""
-    return Trainer(cfg, lm=lm, chat_format=chat_format, examples=examples).run()
