@@ -260,8 +260,8 @@ def _sampling(ctx: PlanContext, prompt_len: int, ctx_len: int, format_stops: tup
 
 
 def _builtin_stages() -> None:
-    from .constraints import json_object
-    register(json_object.JsonObjectStage())
+    from .constraints.stage import ConstraintStage
+    register(ConstraintStage())
 
 
 _builtin_stages()

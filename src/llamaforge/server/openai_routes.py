@@ -21,7 +21,7 @@ from .app import normalize_name
 from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, read_json,
                      until_disconnect)
 from .embeddings import check_dimensions, embed_ids, tokenize_inputs
-from ..generate.constraints.json_object import json_processors
+from ..generate.constraints.stage import json_processors
 from .prompts import defaults_options, encode_chat, encode_raw, token_text, with_default_system
 from .scheduler import ERROR, SHUTDOWN
 from .schemas import (MAX_BATCH_PROMPTS, MAX_LOGPROBS_COMPLETIONS, MAX_TOP_LOGPROBS_CHAT, ApiError,
