@@ -8,8 +8,13 @@ import httpx
 import pytest
 
 from llamaforge.server.metrics import Metrics
-from llamaforge.server.schemas import (ApiError, OllamaGenerateRequest, OpenAIChatRequest, check_float,
-                                       check_max_tokens, check_top_p, parse_body, parse_keep_alive)
+from llamaforge.errors import LlamaforgeError
+from llamaforge.generate.pipeline import plan
+from llamaforge.generate.request import GenerationRequest
+from llamaforge.server.common import api_error_from
+from llamaforge.server.openai_routes import LIMITS
+from llamaforge.server.schemas import (ApiError, OllamaGenerateRequest, OpenAIChatRequest, check_max_tokens,
+                                       parse_body, parse_keep_alive)
 from llamaforge.server.security import SecurityMiddleware, is_loopback_host, split_host
 
 CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]'
@@ -37,11 +42,23 @@ def test_parse_body_names_the_problem(raw, needle, param):
     assert e.value.param == param
 
 
-def test_parse_body_accepts_valid_and_ignores_unknown_fields():
-    r = parse_body(CHAT + b', "temperature": 0, "frobnicate": 1, "stop": "x"}', OpenAIChatRequest)
+def test_parse_body_accepts_valid_and_refuses_unknown_fields():
+    r = parse_body(CHAT + b', "temperature": 0, "stop": "x"}', OpenAIChatRequest)
     assert r.temperature == 0.0 and r.stop == "x" and r.messages[0].content == "hi"
+    # A field nobody implements is refused by name, never dropped (issue 11: honest conformance).
+    with pytest.raises(ApiError) as e:
+        parse_body(CHAT + b', "temperature": 0, "frobnicate": 1, "stop": "x"}', OpenAIChatRequest)
+    assert e.value.status == 400 and e.value.param == "frobnicate" and "frobnicate" in e.value.message
     g = parse_body(b'{"model": "m", "prompt": "p", "options": {"num_predict": 3}}', OllamaGenerateRequest)
     assert g.stream is True and g.options.num_predict == 3  # Ollama streams by default
+
+
+def _seam(**options):
+    from test_generate_support import tiny_lm
+    try:
+        plan(tiny_lm(), GenerationRequest(prompt=[1, 2, 3], options=options, limits=LIMITS))
+    except LlamaforgeError as e:
+        raise api_error_from(e) from None
 
 
 @pytest.mark.parametrize("call, field, ok", [
@@ -50,17 +67,18 @@ def test_parse_body_accepts_valid_and_ignores_unknown_fields():
     (lambda: check_max_tokens(10 ** 9, "max_tokens"), "max_tokens", False),   # absurd
     (lambda: check_max_tokens(0, "max_tokens", allow_zero=True), "max_tokens", True),
     (lambda: check_max_tokens(100, "max_tokens"), "max_tokens", True),
-    (lambda: check_float(-0.1, "temperature", low=0.0, high=2.0), "temperature", False),
-    (lambda: check_float(math.nan, "temperature", low=0.0, high=2.0), "temperature", False),
-    (lambda: check_float(math.inf, "temperature", low=0.0), "temperature", False),
-    (lambda: check_float(2.5, "temperature", low=0.0, high=2.0), "temperature", False),
-    (lambda: check_float(0.0, "temperature", low=0.0, high=2.0), "temperature", True),
-    (lambda: check_top_p(0.0), "top_p", False),
-    (lambda: check_top_p(1.01), "top_p", False),
-    (lambda: check_top_p(-1.0), "top_p", False),
-    (lambda: check_top_p(math.nan), "top_p", False),
-    (lambda: check_top_p(1.0), "top_p", True),
-    (lambda: check_top_p(1e-9), "top_p", True),
+    # Sampling ranges are checked once, by the request seam (with OpenAI's documented limits).
+    (lambda: _seam(temperature=-0.1), "temperature", False),
+    (lambda: _seam(temperature=math.nan), "temperature", False),
+    (lambda: _seam(temperature=math.inf), "temperature", False),
+    (lambda: _seam(temperature=2.5), "temperature", False),
+    (lambda: _seam(temperature=0.0), "temperature", True),
+    (lambda: _seam(top_p=0.0), "top_p", False),
+    (lambda: _seam(top_p=1.01), "top_p", False),
+    (lambda: _seam(top_p=-1.0), "top_p", False),
+    (lambda: _seam(top_p=math.nan), "top_p", False),
+    (lambda: _seam(top_p=1.0), "top_p", True),
+    (lambda: _seam(top_p=1e-9), "top_p", True),
 ])
 def test_range_checks(call, field, ok):
     if ok:

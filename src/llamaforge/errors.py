@@ -58,12 +58,12 @@ class InvalidRequestError(LlamaforgeError, ValueError):
 class ContextLengthError(InvalidRequestError):
     """The prompt does not fit in the model's context window."""
 
-    def __init__(self, prompt_tokens: int, context_length: int):
+    def __init__(self, prompt_tokens: int, context_length: int, field: str = "prompt"):
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
         super().__init__(
             f"prompt has {prompt_tokens} tokens but the context window is {context_length} tokens",
-            field="prompt",
+            field=field,
         )
 
 

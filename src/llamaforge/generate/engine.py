@@ -237,10 +237,11 @@ class BatchEngine:
         (with both counts) when the prompt leaves no room to generate in this engine's context window."""
         params = (params or SamplingParams()).validate()
         ids = check_token_ids(prompt_ids, self.vocab_size)
-        for i in params.stop_ids:
-            if i >= self.vocab_size:
-                raise InvalidRequestError(f"stop id {i} is outside the vocabulary (size {self.vocab_size})",
-                                          field="stop_ids")
+        for what, named in (("stop_ids", params.stop_ids), ("logit_bias", [i for i, _ in params.logit_bias])):
+            bad = next((i for i in named if i >= self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(f"token id {bad} in {what} is outside the vocabulary (size "
+                                          f"{self.vocab_size})", field=what)
         if len(ids) >= self.max_seq_len:
             raise ContextLengthError(len(ids), self.max_seq_len)
         stop_ids = frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else self._tokenizer_stop_ids)

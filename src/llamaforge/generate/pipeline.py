@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from ..errors import ContextLengthError, InvalidRequestError, TemplateError, TokenizerError
 from .engine import context_length as model_context_length
 from .request import CONSTRAINT_KINDS, TOOL_CHOICES, GenerationRequest
-from .sampling import LogitsProcessor, SamplingParams, check_token_ids, params_from_options
+from .sampling import LogitsProcessor, SamplingParams, check_number, check_token_ids, params_from_options
 from .stage import Output, PlanContext, Refusal, Stage
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -94,7 +94,11 @@ def plan(lm, request: GenerationRequest, *, context_length: int | None = None,
         prompt_ids, format_stops = _encode_chat(ctx)
     else:
         prompt_ids, format_stops = _encode_prompt(ctx), ()
-    prompt_ids = list(request.context or []) + prompt_ids
+    if request.context:
+        tok = lm.tokenizer
+        if prompt_ids and getattr(tok, "add_bos", False) and prompt_ids[0] == tok.bos_id:
+            prompt_ids = prompt_ids[1:]  # the earlier exchange already starts with the BOS the tokenizer adds
+        prompt_ids = list(request.context) + prompt_ids
     params = _sampling(ctx, len(prompt_ids), ctx_len, format_stops)  # the context check comes first
     check_token_ids(prompt_ids, int(lm.config.vocab_size), request.spelling("context" if request.context
                                                                              else "prompt"))
@@ -220,9 +224,8 @@ def encode_prompt(lm, prompt, field_name: str = "prompt") -> list[int]:
 def _encode_prompt(ctx: PlanContext) -> list[int]:
     req = ctx.request
     if req.context and isinstance(req.prompt, str):
-        # Continuing an earlier exchange: its ids already start with BOS.
-        ids = list(ctx.lm.tokenizer.encode(req.prompt)) if ctx.lm.tokenizer is not None else []
-        return ids
+        # Continuing an earlier exchange: its ids already start with BOS (an empty prompt adds nothing).
+        return list(ctx.lm.tokenizer.encode(req.prompt)) if ctx.lm.tokenizer is not None and req.prompt else []
     return encode_prompt(ctx.lm, req.prompt, req.spelling("prompt"))
 
 
@@ -250,6 +253,9 @@ def _sampling(ctx: PlanContext, prompt_len: int, ctx_len: int, format_stops: tup
     if stops and not values.get("ignore_eos"):
         values["stop_ids"] = tuple(values.get("stop_ids") or ()) + stops
     try:
+        for name, (lo, hi) in req.limits.items():
+            if req.options.get(name) is not None:
+                check_number(req.options[name], name, lo, hi)
         return SamplingParams.from_kwargs(**values)
     except InvalidRequestError as e:
         name = req.spelling(e.field)

@@ -68,6 +68,8 @@ class GenerationRequest:
         max_tokens None (after every layer) means "as many as the context holds".
     defaults: the front end's own defaults (Ollama's temperature 0.8, `run`'s repeat penalty), applied under the
         model's stored options, which are applied under `options`.
+    limits: the front end's documented ranges for sampling fields, narrower than the engine's (OpenAI:
+        temperature in [0, 2]): {field: (low, high)}, checked with the rest of the validation.
     fields: neutral field name -> the front end's spelling ("max_tokens" -> "options.num_predict"), so errors
         name what the caller typed.
     """
@@ -85,6 +87,7 @@ class GenerationRequest:
     guards: Guards | None = None
     n: int = 1
     stream: bool = False
+    limits: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
     fields: dict[str, str] = field(default_factory=dict)
 
     def spelling(self, name: str | None) -> str | None:

@@ -27,6 +27,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_LENGTH = 1000
 MAX_TOP_LOGPROBS = 20
 MAX_TOKENS_LIMIT = 2**31 - 1
+MAX_LOGIT_BIAS = 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class SamplingParams:
     stop_ids: extra token ids that end generation (the tokenizer's EOS/end-of-turn ids always do).
     logprobs: None = no top alternatives; N (0..20) = also report the N most likely tokens at each step.
     ignore_eos: keep going past the tokenizer's EOS/end-of-turn ids (stop_ids and stop still apply).
+    logit_bias: ((token id, bias), ...) added to those tokens' logits before sampling (OpenAI's logit_bias;
+        a bias in [-100, 100], -100 bans the token).
     """
 
     max_tokens: int = 256
@@ -63,6 +66,7 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     logprobs: int | None = None
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         # Accept any iterable (a list from JSON, a single string) but store immutable tuples.
@@ -71,6 +75,13 @@ class SamplingParams:
             stop = (stop,)
         object.__setattr__(self, "stop", tuple(stop) if stop is not None else ())
         object.__setattr__(self, "stop_ids", tuple(self.stop_ids) if self.stop_ids is not None else ())
+        bias = self.logit_bias
+        if isinstance(bias, Mapping):
+            bias = bias.items()
+        try:
+            object.__setattr__(self, "logit_bias", tuple(tuple(b) for b in (bias or ())))
+        except TypeError:
+            raise InvalidRequestError("logit_bias must map token ids to numbers", field="logit_bias") from None
 
     def validate(self) -> "SamplingParams":
         """Raise `InvalidRequestError(field=...)` for any out-of-range value; return self."""
@@ -104,6 +115,13 @@ class SamplingParams:
             _int(self.logprobs, "logprobs", lo=0, hi=MAX_TOP_LOGPROBS)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", field="ignore_eos")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens", field="logit_bias")
+        for pair in self.logit_bias:
+            if len(pair) != 2:
+                raise InvalidRequestError("logit_bias must map token ids to numbers", field="logit_bias")
+            _int(pair[0], "logit_bias", lo=0)
+            _float(pair[1], "logit_bias", lo=-100.0, hi=100.0)
         return self
 
     @property
@@ -156,6 +174,11 @@ def _int(v: Any, name: str, lo: int | None = None, hi: int | None = None) -> int
     if hi is not None and v > hi:
         raise InvalidRequestError(f"{name} must be <= {hi}, got {v}", field=name)
     return v
+
+
+def check_number(v: Any, name: str, lo: float | None = None, hi: float | None = None) -> float:
+    """A finite number in [lo, hi], else InvalidRequestError naming `name`."""
+    return _float(v, name, lo, hi)
 
 
 def _float(v: Any, name: str, lo: float | None = None, hi: float | None = None) -> float:
@@ -249,6 +272,18 @@ class Sample(NamedTuple):
     top_logprobs: list[tuple[int, float]] | None
 
 
+class LogitBiasProcessor:
+    """Adds fixed biases to chosen tokens' logits (OpenAI `logit_bias`)."""
+
+    def __init__(self, bias: Sequence[tuple[int, float]]):
+        self.ids = torch.tensor([i for i, _ in bias], dtype=torch.long)
+        self.values = torch.tensor([float(b) for _, b in bias], dtype=torch.float32)
+
+    def __call__(self, token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        logits[self.ids] += self.values.to(logits.dtype)
+        return logits
+
+
 class PenaltyProcessor:
     """Repetition (llama.cpp/CTRL: divide positive, multiply negative logits), presence and frequency penalties
     (OpenAI: logit -= frequency * count + presence * [count > 0]) over the last `repeat_last_n` tokens."""
@@ -337,6 +372,8 @@ class Sampler:
         pen = PenaltyProcessor.from_params(params)
         if pen is not None:
             self.processors.append(pen)
+        if params.logit_bias:
+            self.processors.append(LogitBiasProcessor(params.logit_bias))
         self.processors.extend(processors or ())
         seed = params.seed
         if seed is None or seed == -1:

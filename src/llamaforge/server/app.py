@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from fastapi import FastAPI
@@ -25,7 +23,7 @@ from .. import __version__
 from ..errors import LlamaforgeError, ModelNotFoundError
 from .common import api_error_from, error_response, json_response
 from .metrics import CONTENT_TYPE, Metrics
-from .scheduler import Scheduler
+from .models import ModelManager
 from .schemas import ApiError
 from .security import DEFAULT_MAX_BODY, SecurityMiddleware, is_loopback_host
 
@@ -54,202 +52,7 @@ class ServerConfig:
     max_loaded: int = 2
     dtype: str | None = None
     quant: str | None = None               # in-memory weight format (llamaforge.load's `quant`); None = default
-
-
-@dataclass(eq=False)
-class ModelEntry:
-    """A loaded model and its scheduler."""
-
-    name: str
-    lm: Any
-    scheduler: Scheduler
-    load_seconds: float
-    pinned: bool                      # named at start: never unloaded
-    expires_at: float | None = None   # time.monotonic() deadline; None = never
-    loaded_wall: float = field(default_factory=time.time)
-
-    def expiry_wall(self) -> datetime:
-        if self.expires_at is None:
-            return datetime(2318, 1, 1, tzinfo=timezone.utc)  # Ollama's convention for "forever"
-        return datetime.fromtimestamp(time.time() + (self.expires_at - time.monotonic()), tz=timezone.utc)
-
-
-def normalize_name(name: str) -> str:
-    """Canonical short name: "SmolLM2:latest" and "library/smollm2" are "smollm2" (store naming rules)."""
-    name = name.strip()
-    try:
-        from ..store import parse_name
-        return parse_name(name).short
-    except LlamaforgeError:
-        return name
-
-
-class ModelManager:
-    """Loads models (at start, or on demand by store name), hands out entries, unloads idle ones."""
-
-    def __init__(self, config: ServerConfig, metrics: Metrics, loader: Callable | None = None,
-                 preloaded: dict[str, Any] | None = None):
-        self.config, self.metrics = config, metrics
-        self._loader = loader
-        self.entries: dict[str, ModelEntry] = {}
-        self._loading: dict[str, asyncio.Future] = {}
-        self._lock = threading.Lock()
-        self.preload_error: str | None = None
-        self.preloading = bool(config.models)
-        for name, lm in (preloaded or {}).items():
-            self._add(name, lm, 0.0, pinned=True)
-
-    # -- loading --------------------------------------------------------------------------------------------------
-    def _load(self, name: str):
-        if self._loader is not None:
-            return self._loader(name)
-        from ..api import load
-        kw = {k: v for k, v in (("dtype", self.config.dtype), ("quant", self.config.quant)) if v is not None}
-        return load(name, **kw)
-
-    def _add(self, name: str, lm, seconds: float, pinned: bool) -> ModelEntry:
-        sched = Scheduler(lm, max_batch=self.config.max_batch, max_queue=self.config.max_queue,
-                          max_seq_len=self._ctx_for(lm), metrics=self.metrics, name=name)
-        entry = ModelEntry(name, lm, sched, seconds, pinned)
-        with self._lock:
-            self.entries[name] = entry
-        return entry
-
-    def _ctx_for(self, lm) -> int | None:
-        if self.config.ctx is None:
-            return None
-        from ..generate.engine import context_length
-        return max(2, min(int(self.config.ctx), context_length(lm)))
-
-    def preload(self) -> None:
-        """Load the models named at start (blocking; run in a thread). /health is 503 until this returns."""
-        try:
-            for name in self.config.models:
-                t0 = time.perf_counter()
-                lm = self._load(name)
-                self._add(self._entry_name(name, lm), lm, time.perf_counter() - t0, pinned=True)
-                log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
-        except Exception as e:  # reported by /health; the server keeps answering
-            log.exception("failed to load a model")
-            self.preload_error = f"{type(e).__name__}: {e}"
-        finally:
-            self.preloading = False
-
-    @staticmethod
-    def _entry_name(requested: str, lm) -> str:
-        # A path given on the command line is served under the model's own name (its file stem).
-        if os.path.exists(requested) and getattr(lm, "name", None):
-            return str(lm.name)
-        return normalize_name(requested)
-
-    def find(self, name: str) -> ModelEntry | None:
-        key = normalize_name(name)
-        with self._lock:
-            entry = self.entries.get(key)
-            if entry is None:
-                entry = next((e for e in self.entries.values()
-                              if normalize_name(str(getattr(e.lm, "name", None) or "")) == key), None)
-        return entry
-
-    async def get(self, name: str, keep_alive: float | None = None) -> ModelEntry:
-        """The entry for `name`, loading it on demand; ApiError 404 for unknown models."""
-        if not isinstance(name, str) or not name.strip():
-            raise ApiError(400, "missing 'model'", param="model", code="model_not_found")
-        entry = self.find(name)
-        key = normalize_name(name)
-        if entry is None:
-            if self.preloading and key in {normalize_name(m) for m in self.config.models}:
-                raise ApiError(503, f"model {key!r} is still loading", code="model_loading",
-                               headers={"Retry-After": "2"})
-            entry = await self._load_on_demand(key)
-        self.touch(entry, keep_alive)
-        return entry
-
-    async def _load_on_demand(self, key: str) -> ModelEntry:
-        known = ", ".join(sorted(self.entries)) or "none"
-        if not self.config.load_on_demand:
-            raise ApiError(404, f"model {key!r} not found (loaded: {known})", param="model",
-                           code="model_not_found")
-        fut = self._loading.get(key)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._loading[key] = fut
-            try:
-                entry = await self._do_load(key)
-                fut.set_result(entry)
-            except BaseException as e:
-                fut.set_exception(e)
-                fut.exception()  # mark retrieved: other waiters re-raise it themselves
-            finally:
-                self._loading.pop(key, None)
-        return await asyncio.shield(fut)
-
-    async def _do_load(self, key: str) -> ModelEntry:
-        from ..store import Store
-        try:
-            ref = await asyncio.to_thread(Store().resolve, key)
-        except ModelNotFoundError as e:
-            raise ApiError(404, str(e), param="model", code="model_not_found") from None
-        except LlamaforgeError as e:
-            raise ApiError(400, str(e), param="model", code="invalid_model") from None
-        if ref.name is None:
-            # Requests may only name store models: a remote client must not make the server open files.
-            raise ApiError(404, f"model {key!r} not found in the store", param="model", code="model_not_found")
-        self._evict_for_one_more()
-        t0 = time.perf_counter()
-        try:
-            lm = await asyncio.to_thread(self._load, key)
-        except ModelNotFoundError as e:
-            raise ApiError(404, str(e), param="model", code="model_not_found") from None
-        except LlamaforgeError as e:
-            raise ApiError(500, f"failed to load model {key!r}: {e}", code="model_load_failed") from None
-        return self._add(key, lm, time.perf_counter() - t0, pinned=False)
-
-    def _evict_for_one_more(self) -> None:
-        with self._lock:
-            if len(self.entries) < self.config.max_loaded:
-                return
-            idle = [e for e in self.entries.values() if not e.pinned and not e.scheduler.busy]
-        if not idle:
-            raise ApiError(503, f"{len(self.entries)} models are loaded and busy (--max-loaded "
-                                f"{self.config.max_loaded}); retry later", code="too_many_models",
-                           headers={"Retry-After": "5"})
-        self.unload(min(idle, key=lambda e: e.scheduler.last_used).name)
-
-    def touch(self, entry: ModelEntry, keep_alive: float | None) -> None:
-        if entry.pinned:
-            return
-        ka = self.config.keep_alive if keep_alive is None else keep_alive
-        entry.expires_at = None if ka < 0 else time.monotonic() + ka
-
-    def unload(self, name: str) -> bool:
-        with self._lock:
-            entry = self.entries.pop(name, None)
-        if entry is None:
-            return False
-        entry.scheduler.shutdown()
-        log.info("unloaded %s", name)
-        return True
-
-    def reap(self) -> None:
-        """Unload on-demand models whose keep_alive ran out and that have nothing in flight."""
-        now = time.monotonic()
-        with self._lock:
-            due = [e.name for e in self.entries.values()
-                   if e.expires_at is not None and now >= e.expires_at and not e.scheduler.busy]
-        for name in due:
-            self.unload(name)
-
-    def gauges(self) -> dict[str, dict[str, int]]:
-        with self._lock:
-            entries = list(self.entries.values())
-        return {e.name: e.scheduler.stats() for e in entries}
-
-    def shutdown(self) -> None:
-        with self._lock:
-            entries = list(self.entries.values())
-        for e in entries:
-            e.scheduler.shutdown()
+    guards: Any = None                     # generate.request.Guards applied to every request (serve --guard-*)
 
 
 class ServerState:
@@ -293,10 +96,12 @@ def create_app(config: ServerConfig | None = None, *, preloaded: dict[str, Any] 
                   openapi_url=None)
     app.state.server = state
 
+    from .ollama_admin import router as ollama_admin_router
     from .ollama_routes import router as ollama_router
     from .openai_routes import router as openai_router
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    app.include_router(ollama_admin_router)
     _add_basic_routes(app, state)
     _add_error_handlers(app)
 
@@ -327,8 +132,26 @@ class _CountRequests:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = getattr(scope.get("route"), "path", "other")
+            seconds = time.perf_counter() - t0
             self.metrics.requests.inc(route=route, status=str(status["code"]))
-            self.metrics.latency.observe(time.perf_counter() - t0, route=route)
+            self.metrics.latency.observe(seconds, route=route)
+            _log_request(scope, status["code"], seconds)
+
+
+def _log_request(scope, status: int, seconds: float) -> None:
+    """One line per request: method, route, status, model, tokens, milliseconds (and the caller's user id)."""
+    info = (scope.get("state") or {}).get("llamaforge") or {}
+    parts = [scope.get("method", "?"), scope.get("path", "?"), str(status)]
+    if info.get("model"):
+        parts.append(f"model={info['model']}")
+    gen = info.get("generation")
+    if gen is not None:
+        u = gen.usage()
+        parts.append(f"tokens={u['prompt_tokens']}+{u['completion_tokens']}")
+    parts.append(f"{seconds * 1000:.0f}ms")
+    if info.get("user"):
+        parts.append(f"user={info['user']!r}")
+    log.info(" ".join(parts))
 
 
 async def _reap_forever(state: ServerState) -> None:

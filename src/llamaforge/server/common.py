@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import ContextLengthError, InvalidRequestError
+from ..errors import ContextLengthError, InvalidRequestError, LlamaforgeError, TemplateError, TokenizerError
+from ..generate.engine import TokenEvent
+from ..generate.request import GenerationRequest
+from ..generate.stage import Delta
 from .scheduler import ERROR, SHUTDOWN, QueueFullError, ShuttingDownError, Stream
 from .schemas import ApiError, parse_body
 from .security import _BodyTooLarge
@@ -58,6 +60,8 @@ def api_error_from(e: Exception) -> ApiError:
         return ApiError(400, str(e), param=e.field or "messages", code="context_length_exceeded")
     if isinstance(e, InvalidRequestError):
         return ApiError(400, str(e), param=e.field)
+    if isinstance(e, (TemplateError, TokenizerError)):
+        return ApiError(400, str(e), param="messages" if isinstance(e, TemplateError) else "prompt")
     if isinstance(e, QueueFullError):
         return ApiError(503, str(e), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, ShuttingDownError):
@@ -142,40 +146,51 @@ async def _aclose(it) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ generation
-@dataclass
 class Choice:
-    """What one generation produced so far."""
+    """One choice of a request: its stream in the scheduler, its own output stages, what it produced so far."""
 
-    index: int
-    stream: Stream
-    group: int = 0
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[tuple[int, float, list | None]] = field(default_factory=list)  # (id, logprob, top)
-    finish_reason: str | None = None
-    error: str | None = None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.stream.request.prompt_ids)
+    def __init__(self, index: int, stream: Stream | None, output, prompt_tokens: int, group: int = 0):
+        self.index, self.stream, self.output, self.group = index, stream, output, group
+        self.prompt_tokens = prompt_tokens
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.logprobs: list[tuple[int, float, list | None]] = []  # (id, logprob, top)
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.result = None   # generate.stage.Result once finished
 
     @property
     def completion_tokens(self) -> int:
-        return self.stream.request.completion_tokens
+        return self.stream.request.completion_tokens if self.stream is not None else 0
 
-    def add(self, ev) -> str:
-        """Record an event; return its text delta."""
+    @property
+    def request(self):
+        return self.stream.request if self.stream is not None else None
+
+    def add(self, ev) -> list:
+        """Record an engine event; return the deltas (generate.stage.Delta) the client should see now."""
         if ev.finish_reason in (SHUTDOWN, ERROR):
             self.finish_reason = ev.finish_reason
             if ev.finish_reason == ERROR:
                 self.error = ev.text
-            return ""
-        self.text += ev.text
-        if not (ev.finish_reason == "stop" and ev.id in self.stream.request.stop_ids):
-            self.token_ids.append(ev.id)
-        self.logprobs.append((ev.id, ev.logprob, ev.top_logprobs))
-        self.finish_reason = ev.finish_reason
-        return ev.text
+            return []
+        if self.stream is None:  # a refused request: its answer is the stage's refusal text
+            deltas = [Delta(ev.text)] if ev.text else []
+            _, self.result = self.output.finish(ev.finish_reason)
+            self.result.text, self.result.finish_reason = ev.text, ev.finish_reason
+        else:
+            req = self.stream.request
+            if not (ev.finish_reason == "stop" and ev.id in req.stop_ids):
+                self.token_ids.append(ev.id)
+            self.logprobs.append((ev.id, ev.logprob, ev.top_logprobs))
+            deltas = self.output.feed(ev.text)
+            if ev.finish_reason is not None:
+                tail, self.result = self.output.finish(ev.finish_reason)
+                deltas = deltas + tail
+        self.text += "".join(d.text for d in deltas)
+        if ev.finish_reason is not None:
+            self.finish_reason = self.result.finish_reason
+        return deltas
 
 
 class Generation:
@@ -189,17 +204,27 @@ class Generation:
         self.choices: list[Choice] = []
         self.t_start = t_start or time.perf_counter()
 
-    def submit(self, prompt_ids: list[int], params, processors=None, group: int = 0) -> Choice:
-        """Queue one generation; `group` identifies its prompt (for usage counts)."""
-        stream = Stream(self.loop, self.queue, index=len(self.choices))
-        try:
-            self.scheduler.submit(prompt_ids, params, stream, processors)
-        except Exception as e:
-            self.cancel()
-            raise api_error_from(e) from None
-        choice = Choice(stream.index, stream, group=group)
-        self.choices.append(choice)
-        return choice
+    def submit(self, plan, group: int = 0) -> list[Choice]:
+        """Queue the plan's `n` choices (`group` identifies its prompt, for usage counts). A refused plan runs
+        nothing: each choice gets the refusal as its whole answer."""
+        out = []
+        for i in range(plan.request.n):
+            index = len(self.choices)
+            if plan.refusal is not None:
+                choice = Choice(index, None, plan.output(), len(plan.prompt_ids), group)
+                r = plan.refusal
+                self.queue.put_nowait((index, TokenEvent(-1, r.text, 0.0, None, r.reason)))
+            else:
+                stream = Stream(self.loop, self.queue, index=index)
+                try:
+                    self.scheduler.submit(plan.prompt_ids, plan.params_for(i), stream, plan.processors())
+                except Exception as e:
+                    self.cancel()
+                    raise api_error_from(e) from None
+                choice = Choice(index, stream, plan.output(), len(plan.prompt_ids), group)
+            self.choices.append(choice)
+            out.append(choice)
+        return out
 
     @property
     def done(self) -> bool:
@@ -207,16 +232,16 @@ class Generation:
 
     def cancel(self) -> None:
         for c in self.choices:
-            if c.finish_reason is None:
+            if c.finish_reason is None and c.stream is not None:
                 self.scheduler.cancel(c.stream)
 
-    async def events(self) -> AsyncIterator[tuple[Choice, Any, str]]:
-        """Yield (choice, event, text delta) until every choice has finished."""
+    async def events(self) -> AsyncIterator[tuple[Choice, Any, list]]:
+        """Yield (choice, engine event, deltas) until every choice has finished."""
         while not self.done:
             index, ev = await self.queue.get()
             choice = self.choices[index]
-            delta = choice.add(ev)
-            yield choice, ev, delta
+            deltas = choice.add(ev)
+            yield choice, ev, deltas
 
     async def run_to_end(self) -> None:
         async for _ in self.events():
@@ -233,3 +258,35 @@ class Generation:
 
     def first_error(self) -> str | None:
         return next((c.error for c in self.choices if c.error), None)
+
+
+async def plan_request(entry, request: GenerationRequest):
+    """The seam, off the event loop (tokenizing a long prompt or rendering a template takes time), with the
+    request's window set to the engine's rows. Errors become ApiErrors naming the caller's field."""
+    from ..generate.pipeline import plan
+    try:
+        return await asyncio.to_thread(plan, entry.lm, request, context_length=entry.scheduler.context_length)
+    except (LlamaforgeError, ApiError) as e:
+        raise api_error_from(e) from None
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """Display text of one token (control tokens by name)."""
+    if tokenizer.is_special(token_id):
+        return tokenizer.id_to_piece(token_id)
+    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def tool_arguments(call: dict) -> dict:
+    """The arguments of an OpenAI-shaped tool call as an object (Ollama's shape)."""
+    try:
+        args = json.loads(call.get("function", {}).get("arguments") or "{}")
+    except ValueError:
+        args = {}
+    return args if isinstance(args, dict) else {"value": args}
+
+
+def log_fields(request, **fields) -> None:
+    """Facts for the request's log line (server/app.py `_log_request`): model, generation, user."""
+    state = request.scope.setdefault("state", {})
+    state.setdefault("llamaforge", {}).update({k: v for k, v in fields.items() if v is not None})

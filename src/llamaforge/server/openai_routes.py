@@ -1,7 +1,9 @@
 """The OpenAI dialect: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
 
-Responses follow the OpenAI API reference shapes (ids, `object` names, usage, logprobs layouts); streams are
-server-sent events ending with `data: [DONE]`. Errors use {"error": {"message", "type", "param", "code"}}.
+Translation only: wire JSON -> `GenerationRequest` (the seam validates and plans it), seam output -> wire JSON.
+Responses follow the OpenAI API reference shapes (ids, `object` names, usage, logprobs layouts, tool-call deltas);
+streams are server-sent events ending with `data: [DONE]`. Errors use {"error": {"message", "type", "param",
+"code"}}. Every request field of the official client is either mapped here or refused by name (UNSUPPORTED).
 """
 from __future__ import annotations
 
@@ -15,21 +17,32 @@ from fastapi import APIRouter
 from starlette.requests import Request
 
 from .. import __version__
-from ..errors import InvalidRequestError, LlamaforgeError
-from ..generate.sampling import SamplingParams, params_from_options
-from .app import normalize_name
-from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, read_json,
-                     until_disconnect)
-from .embeddings import check_dimensions, embed_ids, tokenize_inputs
-from ..generate.constraints.stage import json_processors
-from .prompts import defaults_options, encode_chat, encode_raw, token_text, with_default_system
+from ..errors import LlamaforgeError
+from ..generate.embed import check_dimensions, embed_ids, tokenize_inputs
+from ..generate.request import Constraint, GenerationRequest, Guards, Retrieval, Tool
+from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, log_fields,
+                     plan_request, read_json, token_text, until_disconnect)
+from .models import normalize_name
 from .scheduler import ERROR, SHUTDOWN
 from .schemas import (MAX_BATCH_PROMPTS, MAX_LOGPROBS_COMPLETIONS, MAX_TOP_LOGPROBS_CHAT, ApiError,
-                      OpenAIChatRequest, OpenAICompletionRequest, OpenAIEmbeddingRequest, bad_request, check_float,
-                      check_int, check_max_tokens, check_n, check_role, check_seed, check_stop, check_top_p)
+                      OpenAIChatRequest, OpenAICompletionRequest, OpenAIEmbeddingRequest, bad_request, check_int,
+                      check_max_tokens, check_n, check_role)
 
 router = APIRouter()
 FINGERPRINT = f"llamaforge-{__version__}"
+# OpenAI's documented ranges, narrower than the engine's own.
+LIMITS = {"temperature": (0.0, 2.0), "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
+
+# Fields of the OpenAI chat API this server does not implement, and the values that ask for nothing (accepted).
+UNSUPPORTED = {
+    "audio": (None,), "function_call": (None,), "functions": (None,), "moderation": (None,),
+    "prediction": (None,), "prompt_cache_key": (None,), "prompt_cache_options": (None,),
+    "prompt_cache_retention": (None,), "reasoning_effort": (None,), "verbosity": (None,),
+    "web_search_options": (None,), "metadata": (None, {}), "store": (None, False),
+    "modalities": (None, ["text"]), "service_tier": (None, "auto", "default"),
+}
+_WHY = {"functions": "use 'tools'", "function_call": "use 'tool_choice'", "store": "nothing is stored",
+        "metadata": "completions are not stored", "modalities": "text only", "service_tier": "one tier only"}
 
 
 def _state(request: Request):
@@ -74,91 +87,148 @@ async def get_model(model_id: str, request: Request):
     return json_response({"id": e.name, "object": "model", "created": int(e.loaded_wall), "owned_by": "llamaforge"})
 
 
-# ----------------------------------------------------------------------------------------------- sampling
-def _sampling(entry, *, max_tokens, temperature, top_p, seed, stop, presence, frequency, logprobs,
-              stop_ids=()) -> SamplingParams:
-    try:
-        base = params_from_options(defaults_options(entry))
-    except InvalidRequestError:
-        base = {}
-    base.update(top_k=0, min_p=0.0)  # OpenAI has no top_k/min_p: sample from the whole distribution
-    base.setdefault("temperature", 1.0)
-    base.setdefault("top_p", 1.0)
-    if temperature is not None:
-        base["temperature"] = temperature
-    if top_p is not None:
-        base["top_p"] = top_p
-    base.update(max_tokens=max_tokens or entry.scheduler.context_length, seed=seed,
-                presence_penalty=presence, frequency_penalty=frequency, logprobs=logprobs)
-    if stop:
-        base["stop"] = tuple(stop)
-    base["stop_ids"] = tuple(stop_ids)
-    try:
-        return SamplingParams(**base).validate()
-    except InvalidRequestError as e:
-        raise api_error_from(e) from None
+# ------------------------------------------------------------------------------------------- translation in
+def _sampling(req, max_tokens) -> dict:
+    """Request options in SamplingParams names. OpenAI has no top_k/min_p: the whole distribution is sampled
+    unless the caller uses the llama.cpp/vLLM extensions."""
+    opts = {"top_k": req.top_k if req.top_k is not None else 0, "min_p": req.min_p if req.min_p is not None else 0.0,
+            "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed, "max_tokens": max_tokens,
+            "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+            "repeat_penalty": req.repeat_penalty, "stop": _stops(req.stop)}
+    if req.logit_bias:
+        try:
+            opts["logit_bias"] = tuple((int(k), v) for k, v in req.logit_bias.items())
+        except ValueError:
+            raise bad_request("'logit_bias' keys must be token ids", "logit_bias") from None
+    return opts
 
 
-def _check_common(req, max_tokens_field="max_tokens", allow_zero=False):
-    check_float(req.temperature, "temperature", low=0.0, high=2.0)
-    check_top_p(req.top_p)
-    check_n(req.n)
-    check_seed(req.seed)
-    check_float(req.presence_penalty, "presence_penalty", low=-2.0, high=2.0)
-    check_float(req.frequency_penalty, "frequency_penalty", low=-2.0, high=2.0)
-    return check_stop(req.stop)
+def _stops(stop) -> tuple[str, ...] | None:
+    if stop is None:
+        return None
+    return tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)
 
 
-# ------------------------------------------------------------------------------------------- chat completions
-def _chat_messages(req: OpenAIChatRequest) -> list[dict[str, str]]:
+def _refuse_unsupported(req) -> None:
+    for name, accepted in UNSUPPORTED.items():
+        value = getattr(req, name)
+        if not any(value == a and type(value) is type(a) for a in accepted):
+            why = _WHY.get(name, "not implemented by this server")
+            raise bad_request(f"'{name}' is not supported ({why})", name, code="unsupported_field")
+
+
+def _messages(req: OpenAIChatRequest) -> list[dict]:
     if not req.messages:
         raise bad_request("'messages' must be a non-empty array", "messages")
     out = []
     for i, m in enumerate(req.messages):
-        role = check_role(m.role, f"messages[{i}].role")
+        where = f"messages[{i}]"
+        role = check_role(m.role, f"{where}.role") if m.role != "tool" else "tool"
+        for name in ("audio", "function_call"):
+            if getattr(m, name) is not None:
+                raise bad_request(f"'{where}.{name}' is not supported", f"{where}.{name}", code="unsupported_field")
+        if m.name is not None:
+            raise bad_request(f"'{where}.name' (participant names) is not supported", f"{where}.name",
+                              code="unsupported_field")
         if isinstance(m.content, list):
             texts = []
             for j, part in enumerate(m.content):
-                if part.type != "text" or part.text is None:
-                    raise bad_request(f"messages[{i}].content[{j}]: only text content parts are supported "
-                                      f"(got {part.type!r})", f"messages[{i}].content")
-                texts.append(part.text)
+                if part.type not in ("text", "refusal") or (part.text is None and part.type == "text"):
+                    raise bad_request(f"{where}.content[{j}]: only text content parts are supported "
+                                      f"(got {part.type!r})", f"{where}.content")
+                texts.append(part.text or getattr(part, "refusal", None) or "")
             content = "".join(texts)
         else:
-            content = m.content or ""
-        out.append({"role": role, "content": content})
+            content = m.content
+        msg = {"role": role, "content": content if content is not None else (m.refusal or "")}
+        if m.tool_calls:
+            msg["tool_calls"] = [tc.model_dump() for tc in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     return out
 
 
+def _constraint(fmt) -> Constraint | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Constraint("json")
+    if fmt.type == "json_schema":
+        js = fmt.json_schema
+        if js is None or js.schema_ is None:
+            raise bad_request("'response_format.json_schema.schema' is required", "response_format.json_schema")
+        return Constraint("json_schema", schema=js.schema_, strict=bool(js.strict), name=js.name)
+    raise bad_request(f"unsupported response_format type {fmt.type!r}", "response_format.type")
+
+
+def _tools(req: OpenAIChatRequest) -> list[Tool]:
+    out = []
+    for i, t in enumerate(req.tools or []):
+        if t.type != "function" or t.function is None:
+            raise bad_request(f"'tools[{i}]': only function tools are supported", f"tools[{i}].type")
+        f = t.function
+        out.append(Tool(f.name, f.description or "", f.parameters or {"type": "object", "properties": {}}))
+    return out
+
+
+def _tool_choice(choice):
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        return choice
+    fn = choice.get("function") if choice.get("type") == "function" else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_request("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                          "{'name': ...}}", "tool_choice")
+    return {"name": fn["name"]}
+
+
+def _guards(st, g) -> Guards | None:
+    default = getattr(st.config, "guards", None)
+    if g is None:
+        return default
+    base = default or Guards()
+    return Guards(input=base.input if g.input is None else g.input,
+                  output=base.output if g.output is None else g.output,
+                  code=base.code if g.code is None else g.code, model=base.model)
+
+
+def chat_request(st, req: OpenAIChatRequest) -> GenerationRequest:
+    """The neutral request of a /v1/chat/completions body."""
+    _refuse_unsupported(req)
+    check_n(req.n)
+    check_int(req.top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("'top_logprobs' requires 'logprobs': true", "top_logprobs")
+    field, value = ("max_completion_tokens", req.max_completion_tokens) if req.max_completion_tokens is not None \
+        else ("max_tokens", req.max_tokens)
+    opts = _sampling(req, check_max_tokens(value, field))
+    opts["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
+    if not req.tools:
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if getattr(req, name) is not None and getattr(req, name) != "none":
+                raise bad_request(f"'{name}' is only allowed when 'tools' are given", name)
+    return GenerationRequest(
+        messages=_messages(req), options=opts, constraint=_constraint(req.response_format), tools=_tools(req),
+        tool_choice=_tool_choice(req.tool_choice),
+        parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+        retrieval=Retrieval(req.retrieval.collection, req.retrieval.k) if req.retrieval else None,
+        guards=_guards(st, req.guards), n=req.n, stream=req.stream, limits=LIMITS,
+        fields={"max_tokens": field, "constraint": "response_format", "prompt": "messages", "stop_ids": "messages"})
+
+
+# ------------------------------------------------------------------------------------------- chat completions
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     st = _state(request)
     req = await read_json(request, OpenAIChatRequest)
-    stop = _check_common(req)
-    if req.max_tokens is not None and req.max_completion_tokens is not None:
-        max_tokens = check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
-    elif req.max_completion_tokens is not None:
-        max_tokens = check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
-    else:
-        max_tokens = check_max_tokens(req.max_tokens, "max_tokens")
-    check_int(req.top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT)
-    if req.top_logprobs is not None and not req.logprobs:
-        raise bad_request("'top_logprobs' requires 'logprobs': true", "top_logprobs")
-    fmt_type = req.response_format.type if req.response_format else "text"
-    if fmt_type not in ("text", "json_object", "json_schema"):
-        raise bad_request(f"unsupported response_format type {fmt_type!r}", "response_format.type")
-    json_mode = fmt_type != "text"
-    messages = _chat_messages(req)
+    greq = chat_request(st, req)
     entry = await st.models.get(req.model)
-    prompt_ids, stop_ids = encode_chat(entry, with_default_system(entry, messages, json_mode))
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = _sampling(entry, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                       stop=stop, presence=req.presence_penalty, frequency=req.frequency_penalty,
-                       logprobs=logprobs, stop_ids=stop_ids)
+    plan = await plan_request(entry, greq)
     gen = Generation(entry)
-    for i in range(req.n):
-        p = params if req.seed is None or i == 0 else params.replace(seed=req.seed + i)
-        gen.submit(prompt_ids, p, json_processors(entry) if json_mode else None)
+    log_fields(request, model=entry.name, generation=gen, user=req.safety_identifier or req.user)
+    gen.submit(plan)
     cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
     tok = entry.lm.tokenizer
     if req.stream:
@@ -170,15 +240,29 @@ async def chat_completions(request: Request):
     except ClientGone:
         return json_response({}, 499)
     _raise_on_error(gen)
-    choices = [{
-        "index": c.index,
-        "message": {"role": "assistant", "content": c.text, "refusal": None},
-        "logprobs": {"content": [_chat_logprob(tok, t, lp, top) for t, lp, top in c.logprobs]}
-        if req.logprobs else None,
-        "finish_reason": _oa_finish(c.finish_reason),
-    } for c in gen.choices]
+    choices = [_chat_choice(c, tok, req.logprobs) for c in gen.choices]
     return json_response({"id": cid, "object": "chat.completion", "created": created, "model": entry.name,
                           "system_fingerprint": FINGERPRINT, "choices": choices, "usage": gen.usage()})
+
+
+def _chat_choice(c, tok, want_logprobs: bool) -> dict:
+    r = c.result
+    message = {"role": "assistant", "content": c.text if (c.text or not r.tool_calls) else None, "refusal": None}
+    if r.tool_calls:
+        message["tool_calls"] = r.tool_calls
+    out = {"index": c.index, "message": message,
+           "logprobs": {"content": [_chat_logprob(tok, t, lp, top) for t, lp, top in c.logprobs]}
+           if want_logprobs else None, "finish_reason": _oa_finish(c.finish_reason)}
+    return _with_extras(out, r)
+
+
+def _with_extras(obj: dict, result) -> dict:
+    """llamaforge's additions beside the message: citations (retrieval) and stage findings (guards)."""
+    if result is not None and result.citations:
+        obj["citations"] = result.citations
+    if result is not None and result.extra:
+        obj.update({k: v for k, v in result.extra.items() if k not in obj})
+    return obj
 
 
 def _raise_on_error(gen: Generation) -> None:
@@ -204,16 +288,16 @@ async def _chat_stream(gen: Generation, cid, created, model, want_logprobs, incl
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": FINGERPRINT}
 
-    def chunk(choices, usage_field=True):
+    def chunk(choices):
         d = dict(base, choices=choices)
-        if include_usage and usage_field:
+        if include_usage:
             d["usage"] = None
         return _sse(d)
 
     for c in gen.choices:  # the role comes first, as OpenAI sends it
         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
-    async for c, ev, delta in gen.events():
+    async for c, ev, deltas in gen.events():
         if ev.finish_reason == ERROR:
             yield _sse({"error": {"message": c.error, "type": "server_error", "param": None, "code": None}})
             gen.cancel()
@@ -221,18 +305,25 @@ async def _chat_stream(gen: Generation, cid, created, model, want_logprobs, incl
         lp = None
         if want_logprobs and ev.id >= 0 and ev.finish_reason != SHUTDOWN:
             lp = {"content": [_chat_logprob(tok, ev.id, ev.logprob, ev.top_logprobs)]}
-        if delta or lp:
-            yield chunk([{"index": c.index, "delta": {"content": delta}, "logprobs": lp, "finish_reason": None}])
+        for d in deltas:
+            delta = {"content": d.text} if d.text else {}
+            if d.tool_calls:
+                delta["tool_calls"] = d.tool_calls
+            if delta:
+                yield chunk([{"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                lp = None
+        if lp is not None:
+            yield chunk([{"index": c.index, "delta": {"content": ""}, "logprobs": lp, "finish_reason": None}])
         if ev.finish_reason is not None:
-            yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
-                          "finish_reason": _oa_finish(ev.finish_reason)}])
+            yield chunk([_with_extras({"index": c.index, "delta": {}, "logprobs": None,
+                                       "finish_reason": _oa_finish(c.finish_reason)}, c.result)])
     if include_usage:
         yield _sse(dict(base, choices=[], usage=gen.usage()))
     yield b"data: [DONE]\n\n"
 
 
 # ------------------------------------------------------------------------------------------------ completions
-def _prompts(req: OpenAICompletionRequest, entry) -> list[list[int]]:
+def _prompt_items(req: OpenAICompletionRequest) -> list:
     p = req.prompt
     if isinstance(p, str):
         items = [p]
@@ -244,40 +335,50 @@ def _prompts(req: OpenAICompletionRequest, entry) -> list[list[int]]:
         items = list(p)
     if len(items) > MAX_BATCH_PROMPTS:
         raise bad_request(f"at most {MAX_BATCH_PROMPTS} prompts per request", "prompt")
-    vocab = int(entry.lm.config.vocab_size)
-    out = []
     for i, item in enumerate(items):
-        if isinstance(item, str):
-            out.append(encode_raw(entry, item))
-        else:
-            if not item:
-                raise bad_request(f"'prompt[{i}]' is an empty token list", "prompt")
-            bad = next((t for t in item if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise bad_request(f"'prompt' has token id {bad} outside the vocabulary (size {vocab})", "prompt")
-            out.append(list(item))
-    return out
+        if not isinstance(item, str) and not item:
+            raise bad_request(f"'prompt[{i}]' is an empty token list", "prompt")
+    return items
+
+
+def completion_requests(st, req: OpenAICompletionRequest) -> list[GenerationRequest]:
+    """One neutral request per prompt of a /v1/completions body."""
+    check_n(req.n)
+    max_tokens = check_max_tokens(req.max_tokens, "max_tokens", allow_zero=req.echo)
+    check_int(req.logprobs, "logprobs", 0, MAX_LOGPROBS_COMPLETIONS)
+    if req.suffix:
+        raise bad_request("'suffix' (insertion) is not supported", "suffix", code="unsupported_field")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("'best_of' different from 'n' is not supported", "best_of", code="unsupported_field")
+    if req.stream and req.echo and req.logprobs is not None:
+        raise bad_request("'echo' with 'logprobs' is only supported without streaming", "stream")
+    # max_tokens 0 (scoring only, with echo) still plans one token so the prompt is validated the same way.
+    opts = _sampling(req, max_tokens or 1)
+    opts["logprobs"] = req.logprobs
+    return [GenerationRequest(prompt=item, options=dict(opts), n=req.n, stream=req.stream, limits=LIMITS,
+                              guards=getattr(st.config, "guards", None))
+            for item in _prompt_items(req)]
 
 
 @router.post("/v1/completions")
 async def completions(request: Request):
     st = _state(request)
     req = await read_json(request, OpenAICompletionRequest)
-    stop = _check_common(req)
-    max_tokens = check_max_tokens(req.max_tokens, "max_tokens", allow_zero=req.echo)
-    check_int(req.logprobs, "logprobs", 0, MAX_LOGPROBS_COMPLETIONS)
-    if req.suffix:
-        raise bad_request("'suffix' (insertion) is not supported", "suffix")
-    if req.best_of is not None and req.best_of != req.n:
-        raise bad_request("'best_of' different from 'n' is not supported", "best_of")
-    if req.stream and req.echo and req.logprobs is not None:
-        raise bad_request("'echo' with 'logprobs' is only supported without streaming", "stream")
+    greqs = completion_requests(st, req)
     entry = await st.models.get(req.model)
-    prompts = _prompts(req, entry)
-    ctx = entry.scheduler.context_length
-    for ids in prompts:
-        if len(ids) >= ctx and not (max_tokens == 0 and len(ids) <= ctx):
-            raise api_error_from(_ctx_error(len(ids), ctx))
+    scoring = req.max_tokens == 0
+    if scoring:  # a prompt may fill the whole window when nothing is generated
+        for g in greqs:
+            g.options["max_tokens"] = 1
+    plans = []
+    for g in greqs:
+        try:
+            plans.append(await plan_request(entry, g))
+        except ApiError as e:
+            if not (scoring and e.code == "context_length_exceeded"):
+                raise
+            plans.append(await _scoring_plan(entry, g))
+    prompts = [p.prompt_ids for p in plans]
     tok = entry.lm.tokenizer
     cid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
 
@@ -285,10 +386,10 @@ async def completions(request: Request):
     if req.echo and req.logprobs is not None:
         prompt_lps = await _prompt_logprobs(request, entry, prompts, req.logprobs)
 
-    if max_tokens == 0:  # scoring only (evaluation harnesses): echo the prompt, generate nothing
+    if scoring:  # scoring only (evaluation harnesses): echo the prompt, generate nothing
         choices = []
         for pi, ids in enumerate(prompts):
-            for j in range(req.n):
+            for _ in range(req.n):
                 choices.append(_completion_choice(tok, len(choices), ids, [], "", "length", req, prompt_lps, pi))
         n_prompt = sum(len(p) for p in prompts)
         return json_response({"id": cid, "object": "text_completion", "created": created, "model": entry.name,
@@ -296,17 +397,13 @@ async def completions(request: Request):
                               "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0,
                                         "total_tokens": n_prompt}})
 
-    params = _sampling(entry, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                       seed=req.seed, stop=stop, presence=req.presence_penalty, frequency=req.frequency_penalty,
-                       logprobs=req.logprobs)
     gen = Generation(entry)
-    for pi, ids in enumerate(prompts):
-        for j in range(req.n):
-            p = params if req.seed is None or j == 0 else params.replace(seed=req.seed + j)
-            gen.submit(ids, p, group=pi)
+    log_fields(request, model=entry.name, generation=gen, user=req.user)
+    for pi, p in enumerate(plans):
+        gen.submit(p, group=pi)
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        echo_texts = [tok.decode(prompts[i // req.n]) for i in range(len(gen.choices))] if req.echo else None
+        echo_texts = [tok.decode(prompts[c.group]) for c in gen.choices] if req.echo else None
         return StreamingEvents(_completion_stream(gen, cid, created, entry.name, req.logprobs, usage, tok,
                                                   echo_texts), "text/event-stream", gen.cancel,
                                headers={"Cache-Control": "no-cache"})
@@ -315,15 +412,21 @@ async def completions(request: Request):
     except ClientGone:
         return json_response({}, 499)
     _raise_on_error(gen)
-    choices = [_completion_choice(tok, c.index, prompts[c.group], c.logprobs, c.text, _oa_finish(c.finish_reason),
-                                  req, prompt_lps, c.group) for c in gen.choices]
+    choices = [_with_extras(_completion_choice(tok, c.index, prompts[c.group], c.logprobs, c.text,
+                                               _oa_finish(c.finish_reason), req, prompt_lps, c.group), c.result)
+               for c in gen.choices]
     return json_response({"id": cid, "object": "text_completion", "created": created, "model": entry.name,
                           "system_fingerprint": FINGERPRINT, "choices": choices, "usage": gen.usage()})
 
 
-def _ctx_error(n, ctx):
-    from ..errors import ContextLengthError
-    return ContextLengthError(n, ctx)
+async def _scoring_plan(entry, g: GenerationRequest):
+    """A prompt that fills the whole window, scored without generating: planned against a window one larger
+    (nothing is generated, so nothing needs the room)."""
+    from ..generate.pipeline import plan
+    try:
+        return await asyncio.to_thread(plan, entry.lm, g, context_length=entry.scheduler.context_length + 1)
+    except LlamaforgeError as e:
+        raise api_error_from(e) from None
 
 
 async def _prompt_logprobs(request, entry, prompts, top_n):
@@ -383,19 +486,21 @@ async def _completion_stream(gen, cid, created, model, logprobs_n, include_usage
     if echo_texts:
         for c in gen.choices:
             yield chunk([{"index": c.index, "text": echo_texts[c.index], "logprobs": None, "finish_reason": None}])
-    async for c, ev, delta in gen.events():
+    async for c, ev, deltas in gen.events():
         if ev.finish_reason == ERROR:
             yield _sse({"error": {"message": c.error, "type": "server_error", "param": None, "code": None}})
             gen.cancel()
             return
+        text = "".join(d.text for d in deltas)
         lp = None
         if logprobs_n is not None and ev.id >= 0 and ev.finish_reason != SHUTDOWN:
             lp = {"tokens": [token_text(tok, ev.id)], "token_logprobs": [ev.logprob],
                   "top_logprobs": [{token_text(tok, i): v for i, v in (ev.top_logprobs or [])}],
-                  "text_offset": [len(c.text) - len(delta)]}
-        if delta or lp or ev.finish_reason is not None:
-            yield chunk([{"index": c.index, "text": delta, "logprobs": lp,
-                          "finish_reason": _oa_finish(ev.finish_reason)}])
+                  "text_offset": [len(c.text) - len(text)]}
+        if text or lp or ev.finish_reason is not None:
+            part = {"index": c.index, "text": text, "logprobs": lp,
+                    "finish_reason": _oa_finish(c.finish_reason) if ev.finish_reason is not None else None}
+            yield chunk([_with_extras(part, c.result) if ev.finish_reason is not None else part])
     if include_usage:
         yield _sse(dict(base, choices=[], usage=gen.usage()))
     yield b"data: [DONE]\n\n"
@@ -417,15 +522,19 @@ async def embeddings(request: Request):
         items = list(inp)
     if len(items) > 2048:
         raise bad_request("at most 2048 inputs per request", "input")
-    for i, it in enumerate(items):
-        if isinstance(it, str) and not it:
-            raise bad_request(f"'input[{i}]' is an empty string", "input")
     entry = await st.models.get(req.model)
-    dims = check_dimensions(entry.lm, req.dimensions)
-    batch = tokenize_inputs(entry.lm, items, max_tokens=entry.scheduler.context_length, truncate=False)
-    fut = entry.scheduler.run_job(lambda: embed_ids(entry.lm.model, batch, dims))
+    log_fields(request, model=entry.name, user=req.user)
     try:
-        vectors = await until_disconnect(request, asyncio.wrap_future(fut), fut.cancel)
+        dims = check_dimensions(entry.lm, req.dimensions)
+        batch = await asyncio.to_thread(tokenize_inputs, entry.lm, items,
+                                        max_tokens=entry.scheduler.context_length, truncate=False)
+    except LlamaforgeError as e:
+        raise api_error_from(e) from None
+    gone = {"flag": False}
+    fut = entry.scheduler.run_job(lambda: embed_ids(entry.lm.model, batch, dims, should_stop=lambda: gone["flag"]))
+    try:
+        vectors = await until_disconnect(request, asyncio.wrap_future(fut),
+                                         lambda: (gone.update(flag=True), fut.cancel()))
     except ClientGone:
         return json_response({}, 499)
     except Exception as e:

@@ -2,7 +2,8 @@
 
 Bodies are parsed by `parse_body` (strict UTF-8, strict JSON, then pydantic in strict mode) so every bad input
 becomes an `ApiError` naming the problem: a 400 with `param` set to the offending field.
-Range checks that pydantic cannot express (NaN, top_p in (0, 1], ...) live in `check_*` helpers below.
+Sampling ranges are not checked here: the request seam (`generate.pipeline.plan`) validates them once. The
+`check_*` helpers below cover the dialects' own fields (n, logprobs counts, max_tokens for scoring, keep_alive).
 """
 from __future__ import annotations
 
@@ -16,12 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 # clipped to the context and end with finish_reason "length" instead.
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_N = 8
-MAX_STOP = 16
-MAX_STOP_LEN = 256
 MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETIONS = 5
 MAX_BATCH_PROMPTS = 64
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1
 
 # Roles a chat format understands; "developer" is OpenAI's newer name for "system".
 KNOWN_ROLES = ("system", "user", "assistant", "developer")
@@ -52,68 +50,146 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 class _Strict(BaseModel):
-    # strict: "12" is not an int and 1.5 is not an int; unknown fields are ignored (clients send many).
-    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    # strict: "12" is not an int and 1.5 is not an int. Unknown fields are refused (400 naming them): a field we
+    # do not know is a field we would otherwise drop. Every field the official clients send is declared here
+    # and either implemented or refused by name in the dialect module (tests/test_conformance.py).
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+
+class _Loose(_Strict):
+    # Objects inside a request whose extra keys are part of a JSON Schema or a tool definition, passed on whole.
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
 
 
 # ----------------------------------------------------------------------------------------------- OpenAI
-class ContentPart(_Strict):
+class ContentPart(_Loose):
     type: str
     text: Optional[str] = None
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(_Strict):
+    id: str
+    type: str = "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(_Strict):
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+    refusal: Optional[str] = None
+    audio: Any = None
+    function_call: Any = None
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: Optional[bool] = None
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = "response"
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
 
 
 class ResponseFormat(_Strict):
     type: str = "text"
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
-class OpenAIChatRequest(_Strict):
+class FunctionDef(_Strict):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class ToolDef(_Strict):
+    type: str = "function"
+    function: Optional[FunctionDef] = None
+    custom: Any = None
+
+
+class Retrieval(_Strict):
+    """llamaforge extension: ground the answer in a RAG collection."""
+    collection: str
+    k: int = 5
+
+
+class Guards(_Strict):
+    """llamaforge extension: safety checks for this request (the server's --guard-* flags set the default)."""
+    input: Optional[bool] = None
+    output: Optional[bool] = None
+    code: Optional[bool] = None
+
+
+class _OpenAISampling(_Strict):
     model: str
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = 1
+    seed: Optional[int] = None
+    stop: Union[str, list[str], None] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, Union[int, float]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # Extensions other OpenAI-compatible servers (llama.cpp, vLLM) accept too.
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repeat_penalty: Optional[float] = None
+
+
+class OpenAIChatRequest(_OpenAISampling):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: int = 1
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
     response_format: Optional[ResponseFormat] = None
-    user: Optional[str] = None
+    tools: Optional[list[ToolDef]] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+    # Fields of the OpenAI API this server refuses unless they ask for nothing (see openai_routes.UNSUPPORTED).
+    audio: Any = None
+    function_call: Any = None
+    functions: Any = None
+    metadata: Optional[dict[str, Any]] = None
+    modalities: Optional[list[str]] = None
+    moderation: Any = None
+    prediction: Any = None
+    prompt_cache_key: Optional[str] = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Optional[str] = None
+    reasoning_effort: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    service_tier: Optional[str] = None
+    store: Optional[bool] = None
+    verbosity: Optional[str] = None
+    web_search_options: Any = None
+    # llamaforge extensions
+    retrieval: Optional[Retrieval] = None
+    guards: Optional[Guards] = None
 
 
-class OpenAICompletionRequest(_Strict):
-    model: str
+class OpenAICompletionRequest(_OpenAISampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = 16  # OpenAI's documented default for /v1/completions
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: int = 1
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logprobs: Optional[int] = None
     echo: bool = False
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
     suffix: Optional[str] = None
     best_of: Optional[int] = None
-    user: Optional[str] = None
 
 
 class OpenAIEmbeddingRequest(_Strict):
@@ -126,6 +202,7 @@ class OpenAIEmbeddingRequest(_Strict):
 
 # ----------------------------------------------------------------------------------------------- Ollama
 class OllamaOptions(_Strict):
+    # Implemented (mapped onto the request's sampling options / window).
     num_ctx: Optional[int] = None
     num_predict: Optional[int] = None
     temperature: Optional[float] = None
@@ -138,44 +215,81 @@ class OllamaOptions(_Strict):
     frequency_penalty: Optional[float] = None
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
+    # Ollama options this server refuses by name (runtime and sampling knobs it does not have).
+    numa: Any = None
+    num_batch: Any = None
+    num_gpu: Any = None
+    main_gpu: Any = None
+    low_vram: Any = None
+    f16_kv: Any = None
+    logits_all: Any = None
+    vocab_only: Any = None
+    use_mmap: Any = None
+    use_mlock: Any = None
+    embedding_only: Any = None
+    num_thread: Any = None
+    num_keep: Any = None
+    tfs_z: Any = None
+    typical_p: Any = None
+    mirostat: Any = None
+    mirostat_tau: Any = None
+    mirostat_eta: Any = None
+    penalize_newline: Any = None
+
+
+class OllamaToolCallFunction(_Strict):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    index: Optional[int] = None
+
+
+class OllamaToolCall(_Strict):
+    function: OllamaToolCallFunction
+    id: Optional[str] = None
+    type: Optional[str] = None
 
 
 class OllamaMessage(_Strict):
     role: str
     content: Optional[str] = ""
     images: Optional[list[Any]] = None
+    thinking: Optional[str] = None
+    tool_name: Optional[str] = None
+    tool_calls: Optional[list[OllamaToolCall]] = None
 
 
 KeepAlive = Union[int, float, str, None]
 
 
-class OllamaGenerateRequest(_Strict):
+class _OllamaBase(_Strict):
     model: str
+    stream: bool = True  # Ollama streams unless told not to
+    format: Union[str, dict, None] = None
+    options: Optional[OllamaOptions] = None
+    keep_alive: KeepAlive = None
+    think: Union[bool, str, None] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    retrieval: Optional[Retrieval] = None   # llamaforge extension
+    guards: Optional[Guards] = None         # llamaforge extension
+
+
+class OllamaGenerateRequest(_OllamaBase):
     prompt: Optional[str] = None
     suffix: Optional[str] = None
     system: Optional[str] = None
     template: Optional[str] = None
     context: Optional[list[int]] = None
     raw: bool = False
-    stream: bool = True  # Ollama streams unless told not to
-    format: Union[str, dict, None] = None
-    options: Optional[OllamaOptions] = None
-    keep_alive: KeepAlive = None
     images: Optional[list[Any]] = None
-    logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    width: Any = None
+    height: Any = None
+    steps: Any = None
 
 
-class OllamaChatRequest(_Strict):
-    model: str
+class OllamaChatRequest(_OllamaBase):
     messages: Optional[list[OllamaMessage]] = None
-    stream: bool = True
-    format: Union[str, dict, None] = None
-    options: Optional[OllamaOptions] = None
-    keep_alive: KeepAlive = None
-    tools: Optional[list[Any]] = None
-    logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    tools: Optional[list[dict[str, Any]]] = None
 
 
 class OllamaEmbedRequest(_Strict):
@@ -197,6 +311,7 @@ class OllamaLegacyEmbeddingsRequest(_Strict):
 class OllamaModelRequest(_Strict):
     model: str = ""
     name: Optional[str] = None  # older clients send "name"
+    verbose: Optional[bool] = None  # /api/show
 
     def model_name(self) -> str:
         name = self.model or self.name or ""
@@ -213,6 +328,7 @@ class OllamaCreateRequest(_Strict):
     template: Optional[str] = None
     license: Union[str, list[str], None] = None
     parameters: Optional[dict[str, Any]] = None
+    messages: Optional[list[dict[str, Any]]] = None
     adapters: Optional[dict[str, str]] = None
     files: Optional[dict[str, str]] = None
     quantize: Optional[str] = None
@@ -266,9 +382,12 @@ def _validation_to_api_error(e: ValidationError) -> ApiError:
     kind = err.get("type", "")
     if kind == "missing":
         msg = f"missing required field '{field}'"
+    elif kind == "extra_forbidden":
+        msg = f"unknown field '{field}': this server does not implement it"
     else:
         msg = f"invalid value for '{field}': {err.get('msg', 'invalid')}"
-    return bad_request(msg, field or None, code="invalid_type" if kind != "missing" else "missing_field")
+    code = {"missing": "missing_field", "extra_forbidden": "unsupported_field"}.get(kind, "invalid_type")
+    return bad_request(msg, field or None, code=code)
 
 
 def _is_union_branch(part: str) -> bool:
@@ -297,28 +416,6 @@ def check_max_tokens(value: int | None, field: str, *, allow_zero: bool = False)
     return value
 
 
-def check_float(value: float | None, field: str, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> float | None:
-    """Finite float in [low, high] ((low, high] with low_open)."""
-    if value is None:
-        return None
-    if not math.isfinite(value):
-        raise bad_request(f"'{field}' must be a finite number, got {value}", field)
-    if low is not None and (value <= low if low_open else value < low):
-        raise bad_request(f"'{field}' must be {'>' if low_open else '>='} {low}, got {value}", field)
-    if high is not None and value > high:
-        raise bad_request(f"'{field}' must be <= {high}, got {value}", field)
-    return float(value)
-
-
-def check_top_p(value: float | None, field: str = "top_p") -> float | None:
-    if value is None:
-        return None
-    if not math.isfinite(value) or not (0.0 < value <= 1.0):
-        raise bad_request(f"'{field}' must be in (0, 1], got {value}", field)
-    return float(value)
-
-
 def check_int(value: int | None, field: str, low: int | None = None, high: int | None = None) -> int | None:
     if value is None:
         return None
@@ -327,22 +424,6 @@ def check_int(value: int | None, field: str, low: int | None = None, high: int |
         hi = "" if high is None else f" <= {high}"
         raise bad_request(f"'{field}' must be{lo}{' and' if lo and hi else ''}{hi}, got {value}", field)
     return value
-
-
-def check_seed(value: int | None, field: str = "seed") -> int | None:
-    return check_int(value, field, SEED_MIN, SEED_MAX)
-
-
-def check_stop(value: str | list[str] | None, field: str = "stop") -> list[str]:
-    if value is None:
-        return []
-    stops = [value] if isinstance(value, str) else list(value)
-    if len(stops) > MAX_STOP:
-        raise bad_request(f"'{field}' has {len(stops)} entries; at most {MAX_STOP} are allowed", field)
-    for s in stops:
-        if len(s) > MAX_STOP_LEN:
-            raise bad_request(f"'{field}' entries must be at most {MAX_STOP_LEN} characters", field)
-    return [s for s in stops if s]
 
 
 def check_n(value: int, field: str = "n") -> int:

@@ -1,4 +1,4 @@
-"""Text embeddings from a causal LM, for /v1/embeddings and /api/embed.
+"""Text embeddings from a causal LM (OpenAI /v1/embeddings, Ollama /api/embed, the Python API, RAG).
 
 Definition (documented in the API reference): the text is tokenised as a raw prompt (BOS added when the model
 expects one), run through the model once without a KV cache, and the final-norm hidden states
@@ -7,11 +7,12 @@ components and re-normalises (Matryoshka-style truncation, as OpenAI's `dimensio
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .schemas import bad_request
+from ..errors import ContextLengthError, InvalidRequestError
+from .sampling import check_token_ids
 
 
 def tokenize_inputs(lm, inputs: Sequence[str | list[int]], *, max_tokens: int, truncate: bool,
@@ -21,31 +22,40 @@ def tokenize_inputs(lm, inputs: Sequence[str | list[int]], *, max_tokens: int, t
     vocab = int(lm.config.vocab_size)
     out = []
     for i, item in enumerate(inputs):
+        where = f"{field}[{i}]"
         if isinstance(item, str):
+            if not item:
+                raise InvalidRequestError(f"'{where}' is an empty string", field=field)
             ids = tok.encode(item, add_special=True)
         else:
-            ids = list(item)
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise bad_request(f"'{field}[{i}]' has token id {bad} outside the vocabulary (size {vocab})", field)
+            try:
+                ids = check_token_ids(item, vocab, field)
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"'{where}': {e}", field=field) from None
         if not ids:
-            raise bad_request(f"'{field}[{i}]' is empty", field)
+            raise InvalidRequestError(f"'{where}' is empty", field=field)
         if len(ids) > max_tokens:
             if not truncate:
-                raise bad_request(f"'{field}[{i}]' has {len(ids)} tokens but the context window is {max_tokens} "
-                                  "tokens", field, code="context_length_exceeded")
+                raise ContextLengthError(len(ids), max_tokens, field=field)
             ids = ids[:max_tokens]
         out.append(ids)
     return out
 
 
+class EmbeddingCancelled(Exception):
+    """`should_stop()` said to stop between two inputs (the client went away)."""
+
+
 @torch.inference_mode()
-def embed_ids(model, batch: list[list[int]], dimensions: int | None = None) -> list[list[float]]:
+def embed_ids(model, batch: list[list[int]], dimensions: int | None = None,
+              should_stop: Callable[[], bool] | None = None) -> list[list[float]]:
     """Mean-pooled, L2-normalised final hidden states for each id list. Runs one forward per input (no padding,
-    so batching cannot change a result)."""
+    so batching cannot change a result); `should_stop` is asked before each input (EmbeddingCancelled)."""
     device = next(model.parameters()).device
     out = []
     for ids in batch:
+        if should_stop is not None and should_stop():
+            raise EmbeddingCancelled()
         h = model.hidden_states(torch.tensor([ids], dtype=torch.long, device=device))[0].float()  # [T, C]
         v = h.mean(dim=0)
         if dimensions is not None:
@@ -59,6 +69,7 @@ def check_dimensions(lm, dimensions: int | None, field: str = "dimensions") -> i
     if dimensions is None:
         return None
     hidden = int(lm.config.hidden_size)
-    if not 1 <= dimensions <= hidden:
-        raise bad_request(f"'{field}' must be between 1 and {hidden} for this model, got {dimensions}", field)
+    if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= hidden:
+        raise InvalidRequestError(f"'{field}' must be between 1 and {hidden} for this model, got {dimensions}",
+                                  field=field)
     return dimensions
