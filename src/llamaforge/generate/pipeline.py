@@ -267,6 +267,8 @@ def _sampling(ctx: PlanContext, prompt_len: int, ctx_len: int, format_stops: tup
 
 def _builtin_stages() -> None:
     from .constraints.stage import ConstraintStage
+    from .tools.stage import ToolStage
+    register(ToolStage())        # first: its output filter takes call text out before the constraint's check
     register(ConstraintStage())
 
 

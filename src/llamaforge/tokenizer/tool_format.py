@@ -42,7 +42,8 @@ class ToolSyntax:
 
     @property
     def trigger(self) -> str:
-        return self.opener if self.opener else '{"'
+        """The text that starts a call ("<tool_call>" without its newline; '{"' for a bare JSON call)."""
+        return self.opener.strip() if self.opener else '{"'
 
     def call_json(self, name: str, arguments: Any) -> str:
         obj = dict(self.fixed)
@@ -51,9 +52,12 @@ class ToolSyntax:
         return json.dumps(obj, ensure_ascii=False)
 
     def calls_text(self, calls: Sequence[dict]) -> str:
-        """The text of an assistant turn's calls (OpenAI-shaped `tool_calls`), as the model would write them."""
-        return self.separator.join(self.opener + self.call_json(c["function"]["name"], arguments_of(c))
-                                   + self.closer for c in calls)
+        """The text of an assistant turn's calls (OpenAI-shaped `tool_calls`), as the model would write them: a
+        text opener and the closer around every call; a control-token opener once, before the first."""
+        jsons = [self.call_json(c["function"]["name"], arguments_of(c)) for c in calls]
+        if self.opener_is_control:
+            return self.opener + self.separator.join(jsons)
+        return self.separator.join(self.opener + j + self.closer for j in jsons)
 
 
 HERMES = ToolSyntax("hermes", "<tool_call>\n", "\n</tool_call>", "\n", "arguments")

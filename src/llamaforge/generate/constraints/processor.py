@@ -27,14 +27,14 @@ class GrammarLogitsProcessor:
     caller's processor forced one): from then on only the stop ids are allowed, ending the row.
     """
 
-    def __init__(self, grammar: Grammar, stop_ids: Iterable[int]):
+    def __init__(self, grammar: Grammar, stop_ids: Iterable[int], *, matcher=None, seen: int | None = None):
         self.grammar = grammar
-        self.matcher = grammar.matcher()
+        self.matcher = matcher if matcher is not None else grammar.matcher()
         n = grammar.lltok.vocab_size
         self.vocab = n
         self._words = torch.zeros((n + 31) // 32, dtype=torch.int32)
         self._stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
-        self._seen: int | None = None
+        self._seen: int | None = seen  # tokens of token_ids already reflected in the matcher (None: the prompt's)
         self.failed = ""
 
     def _advance(self, token_ids: Sequence[int]) -> None:

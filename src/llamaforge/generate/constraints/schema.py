@@ -11,7 +11,7 @@ that source (when it is built, under the engine's deadline) into a `SchemaProble
   subschemas, deepest first.
 
 Output layout: one JSON value in UTF-8 (escapes allowed, except the solidus one), no whitespace before or after it; between tokens at most two spaces/tabs or one
-newline plus indentation (`WHITESPACE`), so pretty-printed output is allowed and padding forever is not.
+newline plus up to 24 spaces of indentation (`WHITESPACE`), so pretty-printed output is allowed and padding forever is not.
 """
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ import llguidance
 
 from .engine import LIMITS
 
-WHITESPACE = r"(?:[ \t]{0,2}|\r?\n[ \t]{0,24})"
+WHITESPACE = r"(?:[ \t]{0,2}|\r?\n {0,24})"
 # \uXXXX escapes of printable characters are valid JSON (llguidance allows them only where no regex applies);
 # the escape "\/" is the one piece of JSON the engine cannot produce (json.dumps never writes it).
 JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": WHITESPACE,
                 "json_allow_general_unicode_escapes": True}
+# Tool calls are written the way chat models learned them (json.dumps' separators, one line): short and stable.
+CALL_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+                     "json_allow_general_unicode_escapes": True}
 ANY_OBJECT = {"type": "object"}
 MAX_PROBES = 256      # subschemas compiled while locating an error ...
 PROBE_SECONDS = 1.0   # ... and the time spent on it
@@ -70,7 +73,7 @@ def _source(schema: dict) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
 
 
-def _engine_error(grammar: str) -> str:
+def engine_error(grammar: str) -> str:
     """llguidance's verdict on a grammar without building it for a vocabulary ("" when it is fine)."""
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
         grammar, None, limits=llguidance.LLParserLimits(**LIMITS))
@@ -165,7 +168,7 @@ def _deepest_failing(schema: dict) -> str:
         if not ptr:
             continue
         try:
-            failed = bool(_engine_error(_source(dict(defs, **sub))))
+            failed = bool(engine_error(_source(dict(defs, **sub))))
         except ValueError:
             failed = True
         if failed:

@@ -106,6 +106,8 @@ class ConstraintCheck(OutputFilter):
         return deltas
 
     def finish(self, result):
+        if result.tool_calls:
+            return []  # the answer is calls (the tools stage checked them)
         if result.finish_reason == "stop" and not self.grammar.matches("".join(self._parts)):
             result.finish_reason = "length"
             result.extra["constraint"] = "the output ended before it matched the constraint"
@@ -132,6 +134,8 @@ class ConstraintStage(Stage):
             _instruct(ctx.messages, _instruction(req.constraint))
 
     def processors(self, plan) -> list:
+        if plan.extra.get("constraint_in_tools"):
+            return []  # the tools stage's call grammar carries the response format
         return [GrammarLogitsProcessor(plan.extra["constraint_grammar"], stop_ids(plan))]
 
     def output(self, plan) -> OutputFilter:
@@ -154,12 +158,3 @@ def _instruct(messages: list[dict], instruction: str) -> None:
     else:
         messages.insert(0, {"role": "system", "content": instruction})
 
-
-def json_processors(entry) -> list:
-    """(Transitional, for server routes that do not go through the seam yet.) JSON-object processors."""
-    lm = entry.lm
-    tok = lm.tokenizer
-    fmt = getattr(entry, "_chat_format", None)
-    stops = set(getattr(tok, "stop_ids", ()) or ()) | set(getattr(fmt, "stop_ids", ()) or ())
-    from ..request import Constraint
-    return [GrammarLogitsProcessor(constraint_grammar(tok, Constraint("json")), stops)]
