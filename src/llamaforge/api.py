@@ -55,8 +55,9 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
         (30-120 s); False never uses it. LLAMAFORGE_COMPILE=0 turns it off.
     """
     from .formats.load import load_model
-    from .store import resolve
-    ref = resolve(path_or_name)  # -> store.Resolved(path, name, defaults) or raises ModelNotFoundError
+    from .store import Resolved, resolve
+    # A store.Resolved (what the server resolved by name) is used as is; anything else is resolved here.
+    ref = path_or_name if isinstance(path_or_name, Resolved) else resolve(path_or_name)
     if quant is None and dtype is None and not (ref.defaults or {}).get("adapter"):
         quant = "auto"  # the fast in-memory format for this file (model.quant.default_quant); adapters need dense
     lm = load_model(ref.path, dtype=dtype, device=device, quant=quant, **kwargs)

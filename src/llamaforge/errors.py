@@ -58,13 +58,11 @@ class InvalidRequestError(LlamaforgeError, ValueError):
 class ContextLengthError(InvalidRequestError):
     """The prompt does not fit in the model's context window."""
 
-    def __init__(self, prompt_tokens: int, context_length: int, field: str = "prompt"):
+    def __init__(self, prompt_tokens: int, context_length: int, field: str = "prompt", *, at_least: bool = False):
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
-        super().__init__(
-            f"prompt has {prompt_tokens} tokens but the context window is {context_length} tokens",
-            field=field,
-        )
+        n = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+        super().__init__(f"prompt has {n} tokens but the context window is {context_length} tokens", field=field)
 
 
 class CompileError(LlamaforgeError):

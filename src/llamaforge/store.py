@@ -626,11 +626,12 @@ class Store:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
     def create(self, name: str, from_model: str, *, system: str | None = None, options: dict | None = None,
-               template: str | None = None, adapter: str | Path | None = None) -> str:
+               template: str | None = None, adapter: str | Path | None = None, from_name_only: bool = False) -> str:
         """A new model sharing another's weights, with its own system prompt / parameters / template / adapter.
 
         `from_model` is a store name (its defaults are inherited and overridden) or a model file/directory
-        (copied in). Options are validated against the engine's SamplingParams.
+        (copied in); with `from_name_only` (requests over HTTP) it is a store name and the disk is never probed
+        for a file of that name. Options are validated against the engine's SamplingParams.
         """
         n = parse_name(name)
         opts = validate_options(options or {})
@@ -639,7 +640,7 @@ class Store:
         if adapter is not None:
             adapter = Path(adapter).expanduser()
             check_adapter_dir(adapter)
-        base = self._base_manifest(from_model)
+        base = self.manifest(from_model) if from_name_only else self._base_manifest(from_model)
         defaults = dict(_empty_defaults(), **{k: v for k, v in (base.get("defaults") or {}).items()
                                                if k in DEFAULT_KEYS})
         defaults["options"] = validate_options({**(defaults.get("options") or {}), **opts})

@@ -14,13 +14,13 @@ import sys
 import threading
 import time
 
+from .flags import add_load_flags, add_sampling_flags, check_sampling, load_model, sampling_from_args
+
 DEFAULT_MODEL = "smollm2"
 DEMO_PROMPT = "In two or three sentences, why is the sky blue?"
 # Chat answers may run longer than a raw completion's default; the context window still bounds them.
 # Interactive chat defaults, as `ollama run` has them: a mild repeat penalty keeps small models out of loops.
 RUN_DEFAULTS = {"max_tokens": 1024, "repeat_penalty": 1.1}
-# Tokens kept free for the answer when old turns must be dropped to fit the context.
-ANSWER_ROOM = 256
 
 HELP = """Available commands:
   /set system TEXT         set the system message (clears nothing else)
@@ -35,7 +35,6 @@ Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .generate import add_load_flags, add_sampling_flags
     p = argparse.ArgumentParser(prog="llamaforge run", description=__doc__.split(": ", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
@@ -43,72 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", metavar="PROMPT", help="answer this once and exit")
     p.add_argument("--verbose", action="store_true", help="show token counts and speed after each answer")
     p.add_argument("--system", metavar="TEXT", help="system message (overrides the model's)")
-    add_sampling_flags(p)
+    add_sampling_flags(p, defaults=RUN_DEFAULTS)
     add_load_flags(p)
     return p
 
 
-def load_model(name: str, *, dtype: str | None = None, quant: str | None = None):
-    """Load by store name or path, with a status line on stderr only when stderr is a terminal."""
-    import llamaforge
-    tty = sys.stderr.isatty()
-    if tty:
-        sys.stderr.write(f"loading {name} ...")
-        sys.stderr.flush()
-    try:
-        return llamaforge.load(name, dtype=dtype, quant=quant)
-    finally:
-        if tty:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
-class ChatSession:
-    """Conversation state and answering (the REPL and one-shot mode share it)."""
+class Repl:
+    """The terminal side of a chat: streams answers, prints statistics, handles /commands. The conversation
+    itself is a `generate.session.ChatSession`."""
 
     def __init__(self, lm, *, system: str | None, options: dict, verbose: bool = False, out=None):
-        from ..generate.engine import context_length
+        from ..generate.session import ChatSession
+        self.session = ChatSession(lm, system=system, options=options, defaults=RUN_DEFAULTS)
         self.lm = lm
-        self.system = system
-        self.options = dict(options)       # SamplingParams kwargs set on the command line or with /set
         self.verbose = verbose
-        self.history: list[dict] = []
         self.out = out or sys.stdout
-        self.context = context_length(lm)
-
-    def messages_for(self, text: str) -> list[dict]:
-        msgs = [{"role": "system", "content": self.system}] if self.system else []
-        return msgs + self.history + [{"role": "user", "content": text}]
-
-    def _sampling(self) -> dict:
-        model_opts = set(((self.lm.defaults or {}).get("options") or {}))
-        base = {k: v for k, v in RUN_DEFAULTS.items() if k not in model_opts and not
-                (k == "max_tokens" and "num_predict" in model_opts)}
-        return {**base, **self.options}
-
-    def _prepare(self, text: str):
-        """Token ids + params for the next answer, dropping the oldest turns if the context is too small."""
-        from ..errors import ContextLengthError
-        from ..generate.api import build_request
-        from ..generate.pipeline import plan
-        while True:
-            try:
-                p = plan(self.lm, build_request(messages=self.messages_for(text), **self._sampling()))
-            except ContextLengthError:
-                if not self.history:
-                    raise
-                p = None
-            if p is not None and (len(p.prompt_ids) + min(ANSWER_ROOM, p.params.max_tokens) <= self.context
-                                  or not self.history):
-                return p
-            del self.history[:2]  # the oldest user/assistant pair
 
     def answer(self, text: str, *, interruptible: bool) -> bool:
         """Stream an answer to `text`. Returns False when interrupted with Ctrl-C (the turn is forgotten)."""
-        from ..generate.api import TokenStream
-        p = self._prepare(text)
         t0 = time.perf_counter()
-        s = TokenStream(self.lm, p)
+        s = self.session.stream(text)
         interrupted = {"flag": False}
         old = None
         if interruptible:
@@ -133,7 +86,7 @@ class ChatSession:
             self.out.flush()
             return False
         c = s.completion
-        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": c.text}]
+        self.session.commit(text, c)
         self.out.write("\n\n" if interruptible else "\n")
         self.out.flush()
         if self.verbose:
@@ -165,13 +118,13 @@ class ChatSession:
         if cmd in ("/?", "/help"):
             print(HELP)
         elif cmd == "/clear":
-            self.history.clear()
+            self.session.clear()
             print("Cleared session context")
         elif cmd == "/set" and len(parts) >= 2:
             what = parts[1].lower()
             if what == "system":
-                self.system = parts[2] if len(parts) > 2 else None
-                print("Set system message." if self.system else "Cleared system message.")
+                self.session.system = parts[2] if len(parts) > 2 else None
+                print("Set system message." if self.session.system else "Cleared system message.")
             elif what == "parameter":
                 name, _, value = (parts[2] if len(parts) > 2 else "").partition(" ")
                 if not name or not value.strip():
@@ -182,9 +135,10 @@ class ChatSession:
                 except InvalidRequestError as e:
                     print(f"Error: {e}")
                     return True
+                options = self.session.options
                 if "stop" in new:
-                    new["stop"] = tuple(self.options.get("stop", ())) + new["stop"]
-                self.options.update(new)
+                    new["stop"] = tuple(options.get("stop", ())) + new["stop"]
+                options.update(new)
                 print(f"Set parameter '{name}' to '{value.strip()}'")
             elif what in ("verbose", "quiet"):
                 self.verbose = what == "verbose"
@@ -198,17 +152,19 @@ class ChatSession:
         return True
 
     def _show(self, what: str) -> None:
-        lm, md = self.lm, self.lm.metadata or {}
+        lm, md, session = self.lm, self.lm.metadata or {}, self.session
         if what == "info":
             n_params = parameter_count(lm.config)
             print(f"  model         {lm.name or lm.path}\n  architecture  {md.get('architecture', 'llama')}\n"
                   f"  parameters    {n_params / 1e6:.1f}M\n  quantization  {md.get('file_type', '?')}\n"
-                  f"  context       {self.context}\n  path          {lm.path}")
+                  f"  context       {session.context}\n  path          {lm.path}")
         elif what == "system":
-            print(self.system or "No system message was specified for this model.")
+            print(session.system or "No system message was specified for this model.")
         elif what == "parameters":
-            merged = {**((lm.defaults or {}).get("options") or {}), **self.options}
-            print("\n".join(f"{k:<20} {v}" for k, v in merged.items()) or "No parameters were set.")
+            # The settings the next answer really uses: run's defaults, the model's stored ones, those set here.
+            eff = session.effective_options()
+            print("\n".join(f"{k:<20} {'none' if v is None else list(v) if isinstance(v, tuple) else v}"
+                            for k, v in eff.items()))
         elif what == "template":
             print((lm.defaults or {}).get("template") or md.get("chat_template") or "No template.")
         elif what == "license":
@@ -278,7 +234,7 @@ def _save_readline(readline) -> None:
         pass
 
 
-def repl(session: ChatSession) -> int:
+def repl(session: Repl) -> int:
     readline = _setup_readline()
     print("Type /? for help, /bye to exit.", file=sys.stderr)
     try:
@@ -294,9 +250,9 @@ def repl(session: ChatSession) -> int:
                 return 0
             except KeyboardInterrupt:
                 print()
-                if readline is not None and readline.get_line_buffer():
-                    continue  # Ctrl-C over half-typed text discards it, like a shell; on an empty line it exits
-                return 0
+                if not (readline is not None and readline.get_line_buffer()):
+                    print("Use Ctrl + d or /bye to exit.")  # as ollama run: Ctrl-C never ends the chat by surprise
+                continue  # Ctrl-C over half-typed text discards it, like a shell
             if not text.strip():
                 continue
             if text.lstrip().startswith("/") and not text.lstrip().startswith("//"):
@@ -318,7 +274,6 @@ def repl(session: ChatSession) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from .generate import check_sampling, sampling_from_args
     args = build_parser().parse_args(argv)
     sampling = sampling_from_args(args)
     err = check_sampling(sampling)
@@ -336,7 +291,7 @@ def main(argv: list[str]) -> int:
     if demo and "temperature" not in sampling and "temperature" not in ((lm.defaults or {}).get("options") or {}):
         sampling["temperature"] = 0.0  # the demo answer is reproducible
     system = args.system if args.system is not None else (lm.defaults or {}).get("system")
-    session = ChatSession(lm, system=system, options=sampling, verbose=args.verbose)
+    session = Repl(lm, system=system, options=sampling, verbose=args.verbose)
     if interactive:
         return repl(session)
     session.answer(text, interruptible=False)

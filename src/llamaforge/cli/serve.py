@@ -20,8 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bind address (default 127.0.0.1; anything else exposes the server to the network)")
     p.add_argument("--port", type=int, default=11435, help="port (default 11435)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health "
-                        "(default: env LLAMAFORGE_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (visible in `ps`: prefer "
+                        "--api-key-file or the environment variable LLAMAFORGE_API_KEY)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="read the API key from the first line of FILE")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections at once (default: from the file-descriptor limit, at most 1024)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together per model (default 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a batch slot before answering 503 (default 64)")
@@ -68,12 +72,15 @@ def main(argv: list[str]) -> int:
 
     from ..server.app import ServerConfig, create_app, make_server
     from ..server.security import is_loopback_host
-    api_key = args.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
+    api_key = _api_key(args)
+    if args.max_connections is not None and args.max_connections < 1:
+        print("llamaforge serve: --max-connections must be at least 1", file=sys.stderr)
+        return 2
     config = ServerConfig(models=models, host=args.host, port=args.port, api_key=api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, max_body=args.max_body,
                           allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
                           load_on_demand=not args.no_load_on_demand, max_loaded=args.max_loaded, dtype=args.dtype,
-                          quant=args.quant)
+                          quant=args.quant, max_connections=args.max_connections)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llamaforge.server")
     if not is_loopback_host(args.host):
@@ -86,6 +93,20 @@ def main(argv: list[str]) -> int:
     except OSError as e:  # port in use, permission denied
         raise LlamaforgeError(f"cannot listen on {args.host}:{args.port}: {e}") from None
     return 0 if getattr(server, "started", True) else 1
+
+
+def _api_key(args) -> str | None:
+    """--api-key, else the first line of --api-key-file, else LLAMAFORGE_API_KEY (None: no key)."""
+    if args.api_key and args.api_key_file:
+        raise LlamaforgeError("give --api-key or --api-key-file, not both")
+    if args.api_key_file:
+        from .._fs import read_text_bounded
+        lines = read_text_bounded(args.api_key_file, 4096, "the API key file").splitlines()
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise LlamaforgeError(f"the API key file {args.api_key_file} is empty")
+        return key
+    return args.api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
 
 
 def _limit_threads() -> None:

@@ -191,18 +191,19 @@ _FEATURE_KWARGS = ("json_schema", "json_mode", "regex", "grammar", "grammar_synt
                    "parallel_tool_calls", "retrieval", "guards", "n")
 
 
-def build_request(*, messages=None, prompt=None, **kwargs) -> GenerationRequest:
+def build_request(*, messages=None, prompt=None, defaults: dict | None = None, **kwargs) -> GenerationRequest:
     """A `GenerationRequest` from Python keyword arguments (the Python API's and the CLI's spelling).
 
     json_mode=True: one JSON object; json_schema=dict; regex=str; grammar=str (grammar_syntax "lark" default,
     or "gbnf"); tools=[{"name", "description", "parameters"}] or OpenAI-style {"type": "function", "function":
     {...}}; tool_choice="auto"|"none"|"required"|NAME; retrieval={"collection", "k"} or a collection name;
     guards={"input", "output", "code", "model"}. Other keywords are sampling fields (SamplingParams).
+    defaults: the caller's sampling defaults, under the model's stored options (default: max_tokens 256).
     """
     features = {k: kwargs.pop(k) for k in list(kwargs) if k in _FEATURE_KWARGS}
     req = GenerationRequest(messages=list(messages) if messages is not None and not isinstance(messages, (str, bytes))
                             else messages, prompt=prompt, options=kwargs,
-                            defaults={"max_tokens": DEFAULT_MAX_TOKENS})
+                            defaults={"max_tokens": DEFAULT_MAX_TOKENS, **(defaults or {})})
     constraint = None
     if features.get("json_schema") is not None:
         constraint = Constraint("json_schema", schema=features["json_schema"], strict=True)

@@ -90,6 +90,7 @@ def plan(lm, request: GenerationRequest, *, context_length: int | None = None,
     _apply_default_system(ctx)
     for s in active:
         s.prepare(ctx)
+    _refuse_oversized(ctx, ctx_len)
     if ctx.messages is not None:
         prompt_ids, format_stops = _encode_chat(ctx)
     else:
@@ -170,6 +171,32 @@ def _normalize_messages(req: GenerationRequest) -> list[dict]:
             raise InvalidRequestError(f"{where} needs a string 'content'", field=f"{where}.content")
         out.append(dict(m, role=role, content=content))
     return out
+
+
+def _refuse_oversized(ctx: PlanContext, ctx_len: int) -> None:
+    """Refuse text that cannot fit the window before spending seconds tokenizing it: every token covers at most
+    the longest token's bytes, so len(text) / that is a lower bound on the token count."""
+    tok = ctx.lm.tokenizer
+    if tok is None:
+        return
+    texts = [m["content"] for m in ctx.messages] if ctx.messages is not None else \
+        [ctx.request.prompt] if isinstance(ctx.request.prompt, str) else []
+    chars = sum(len(t) for t in texts)
+    if chars <= ctx_len:  # cannot be too long: no token is shorter than one byte
+        return
+    at_least = chars // max_token_bytes(tok)
+    if at_least >= ctx_len:
+        raise ContextLengthError(at_least, ctx_len, at_least=True,
+                                 field=ctx.request.spelling("messages" if ctx.messages is not None else "prompt"))
+
+
+def max_token_bytes(tok) -> int:
+    """The longest token of the vocabulary in bytes (computed once per tokenizer)."""
+    n = tok.__dict__.get("_max_token_bytes")
+    if n is None:
+        n = max((len(tok.token_bytes(i)) for i in range(int(tok.vocab_size))), default=1) or 1
+        tok.__dict__["_max_token_bytes"] = n
+    return n
 
 
 def _apply_default_system(ctx: PlanContext) -> None:

@@ -53,6 +53,9 @@ class ServerConfig:
     dtype: str | None = None
     quant: str | None = None               # in-memory weight format (llamaforge.load's `quant`); None = default
     guards: Any = None                     # generate.request.Guards applied to every request (serve --guard-*)
+    header_timeout: float = 10.0           # seconds a connection may take to send a request's headers
+    keep_alive_timeout: float = 5.0        # seconds an idle keep-alive connection stays open
+    max_connections: int | None = None     # open connections at once (default: from the descriptor limit)
 
 
 class ServerState:
@@ -239,6 +242,23 @@ def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
             # uvicorn re-raises the signal after shutting down; a graceful stop is a clean exit (status 0).
             self._captured_signals.clear()
 
+    from .connections import guarded_protocol
+    conf = app.state.server.config
     cfg = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
-                         lifespan="on", access_log=False)
+                         lifespan="on", access_log=False, timeout_keep_alive=conf.keep_alive_timeout,
+                         http=guarded_protocol(conf.header_timeout, conf.max_connections or _default_max_connections()),
+                         h11_max_incomplete_event_size=64 * 1024)
     return _Server(cfg)
+
+
+def _default_max_connections() -> int:
+    """Open connections allowed: well below the process's file-descriptor limit (model files, logs and the
+    listening socket need some), at most 1024."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            soft = 4096
+    except (ImportError, ValueError, OSError):
+        soft = 1024
+    return max(8, min(1024, soft - 64))

@@ -170,9 +170,9 @@ class Choice:
     def add(self, ev) -> list:
         """Record an engine event; return the deltas (generate.stage.Delta) the client should see now."""
         if ev.finish_reason in (SHUTDOWN, ERROR):
+            # Cut short: the stream says so (an error naming why), never a normal-looking "stop".
             self.finish_reason = ev.finish_reason
-            if ev.finish_reason == ERROR:
-                self.error = ev.text
+            self.error = ev.text or ("the answer was cut short" if ev.finish_reason == SHUTDOWN else "error")
             return []
         if self.stream is None:  # a refused request: its answer is the stage's refusal text
             deltas = [Delta(ev.text)] if ev.text else []
@@ -257,7 +257,8 @@ class Generation:
         return {"prompt_tokens": p, "completion_tokens": comp, "total_tokens": p + comp}
 
     def first_error(self) -> str | None:
-        return next((c.error for c in self.choices if c.error), None)
+        """The message of a choice that failed (engine error); a choice cut by shutdown is not a failure."""
+        return next((c.error for c in self.choices if c.error and c.finish_reason == ERROR), None)
 
 
 async def plan_request(entry, request: GenerationRequest):

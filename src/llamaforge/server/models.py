@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from ..errors import LlamaforgeError, ModelNotFoundError
+from ..errors import LlamaforgeError, ModelNotFoundError, StoreError
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .schemas import ApiError
@@ -149,20 +149,24 @@ class ModelManager:
         return await asyncio.shield(fut)
 
     async def _do_load(self, key: str) -> ModelEntry:
-        from ..store import Store
+        from ..store import Store, parse_name
+        # Requests may only name store models, and the name is checked as a name before anything touches the
+        # disk: a string that is not a valid store name (a path, "~/...", "../") is "not found" in the very
+        # words a missing model gets, so no answer depends on which files exist on this machine.
         try:
-            ref = await asyncio.to_thread(Store().resolve, key)
+            name = parse_name(key)
+        except StoreError:
+            raise ApiError(404, str(ModelNotFoundError(key, [])), param="model", code="model_not_found") from None
+        try:
+            ref = await asyncio.to_thread(Store().resolve, name)  # a ModelName is looked up in the store only
         except ModelNotFoundError as e:
             raise ApiError(404, str(e), param="model", code="model_not_found") from None
         except LlamaforgeError as e:
             raise ApiError(400, str(e), param="model", code="invalid_model") from None
-        if ref.name is None:
-            # Requests may only name store models: a remote client must not make the server open files.
-            raise ApiError(404, f"model {key!r} not found in the store", param="model", code="model_not_found")
         self._evict_for_one_more()
         t0 = time.perf_counter()
         try:
-            lm = await asyncio.to_thread(self._load, key)
+            lm = await asyncio.to_thread(self._load, key if self._loader is not None else ref)
         except ModelNotFoundError as e:
             raise ApiError(404, str(e), param="model", code="model_not_found") from None
         except LlamaforgeError as e:
@@ -186,12 +190,12 @@ class ModelManager:
         ka = self.config.keep_alive if keep_alive is None else keep_alive
         entry.expires_at = None if ka < 0 else time.monotonic() + ka
 
-    def unload(self, name: str) -> bool:
+    def unload(self, name: str, reason: str | None = None) -> bool:
         with self._lock:
             entry = self.entries.pop(name, None)
         if entry is None:
             return False
-        entry.scheduler.shutdown()
+        entry.scheduler.shutdown(reason=reason or f"model {name!r} was unloaded")
         log.info("unloaded %s", name)
         return True
 

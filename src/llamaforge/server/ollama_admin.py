@@ -149,12 +149,16 @@ async def create(request: Request):
         raise bad_request("'from' (the base model) is required; uploading files is not supported", "from")
     if req.files or req.adapters or req.quantize:
         raise bad_request("creating from uploaded files, adapters or with quantize is not supported", "files")
-    from ..store import _looks_like_model_path
-    if _looks_like_model_path(req.from_):
-        raise bad_request("'from' must name a model in the store, not a path", "from")
+    from ..store import parse_name
+    try:  # the base must be a store name, checked without touching the disk (no file-existence oracle)
+        parse_name(req.from_)
+    except StoreError:
+        raise bad_request(f"'from' must name a model in the store; {req.from_!r} is not a model name",
+                          "from") from None
     try:
         created = await asyncio.to_thread(lambda: _store().create(
-            name, req.from_, system=req.system, options=req.parameters, template=req.template))
+            name, req.from_, system=req.system, options=req.parameters, template=req.template,
+            from_name_only=True))
     except ModelNotFoundError as e:
         raise ApiError(404, str(e)) from None
     except LlamaforgeError as e:

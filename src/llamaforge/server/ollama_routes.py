@@ -20,7 +20,7 @@ from ..generate.embed import check_dimensions, embed_ids, tokenize_inputs
 from ..generate.request import Constraint, GenerationRequest, Guards, Retrieval, Tool
 from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, log_fields,
                      plan_request, read_json, token_text, tool_arguments, until_disconnect)
-from .scheduler import ERROR
+from .scheduler import ERROR, SHUTDOWN
 from .schemas import (MAX_TOP_LOGPROBS_CHAT, ApiError, OllamaChatRequest, OllamaEmbedRequest,
                       OllamaGenerateRequest, OllamaLegacyEmbeddingsRequest, OllamaOptions, bad_request, check_int,
                       check_role, parse_keep_alive)
@@ -238,8 +238,8 @@ async def generate(request: Request):
     if req.stream:
         async def lines():
             async for c, ev, deltas in gen.events():
-                if ev.finish_reason == ERROR:
-                    yield dumps({"error": c.error}) + b"\n"
+                if ev.finish_reason in (ERROR, SHUTDOWN):
+                    yield dumps({"error": c.error}) + b"\n"  # cut short: say why, never a normal "done"
                     return
                 text = "".join(d.text for d in deltas)
                 if text or (lp_n is not None and ev.finish_reason is None):
@@ -275,8 +275,9 @@ def _raise_on_error(gen: Generation) -> None:
     err = gen.first_error()
     if err:
         raise ApiError(500, err)
-    if any(c.finish_reason == "shutdown" for c in gen.choices):
-        raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+    cut = next((c for c in gen.choices if c.finish_reason == SHUTDOWN), None)
+    if cut is not None:
+        raise ApiError(503, cut.error, headers={"Retry-After": "1"})
 
 
 def _durations(gen: Generation, c, load_s: float) -> dict:
@@ -328,8 +329,8 @@ async def chat(request: Request):
     if req.stream:
         async def lines():
             async for c, ev, deltas in gen.events():
-                if ev.finish_reason == ERROR:
-                    yield dumps({"error": c.error}) + b"\n"
+                if ev.finish_reason in (ERROR, SHUTDOWN):
+                    yield dumps({"error": c.error}) + b"\n"  # cut short: say why, never a normal "done"
                     return
                 text = "".join(d.text for d in deltas)
                 if text or (lp_n is not None and ev.finish_reason is None):

@@ -49,11 +49,6 @@ def _state(request: Request):
     return request.app.state.server
 
 
-def _oa_finish(reason: str | None) -> str | None:
-    # Streams cut by shutdown end with a normal-looking "stop" so clients close cleanly.
-    return "stop" if reason == SHUTDOWN else reason
-
-
 # ------------------------------------------------------------------------------------------------------ models
 @router.get("/v1/models")
 async def list_models(request: Request):
@@ -252,7 +247,7 @@ def _chat_choice(c, tok, want_logprobs: bool) -> dict:
         message["tool_calls"] = r.tool_calls
     out = {"index": c.index, "message": message,
            "logprobs": {"content": [_chat_logprob(tok, t, lp, top) for t, lp, top in c.logprobs]}
-           if want_logprobs else None, "finish_reason": _oa_finish(c.finish_reason)}
+           if want_logprobs else None, "finish_reason": c.finish_reason}
     return _with_extras(out, r)
 
 
@@ -269,8 +264,9 @@ def _raise_on_error(gen: Generation) -> None:
     err = gen.first_error()
     if err:
         raise ApiError(500, err, type="server_error")
-    if any(c.finish_reason == SHUTDOWN for c in gen.choices):
-        raise ApiError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "1"})
+    cut = next((c for c in gen.choices if c.finish_reason == SHUTDOWN), None)
+    if cut is not None:
+        raise ApiError(503, cut.error, code="shutting_down", headers={"Retry-After": "1"})
 
 
 def _chat_logprob(tok, token_id: int, logprob: float, top) -> dict:
@@ -282,6 +278,12 @@ def _chat_logprob(tok, token_id: int, logprob: float, top) -> dict:
 
 def _sse(obj) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
+
+
+def _cut(c, ev) -> bytes:
+    """The event that ends a stream cut short: an error (the client raises it), naming why."""
+    code = "shutting_down" if ev.finish_reason == SHUTDOWN else None
+    return _sse({"error": {"message": c.error, "type": "server_error", "param": None, "code": code}})
 
 
 async def _chat_stream(gen: Generation, cid, created, model, want_logprobs, include_usage, tok):
@@ -298,9 +300,10 @@ async def _chat_stream(gen: Generation, cid, created, model, want_logprobs, incl
         yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None}])
     async for c, ev, deltas in gen.events():
-        if ev.finish_reason == ERROR:
-            yield _sse({"error": {"message": c.error, "type": "server_error", "param": None, "code": None}})
+        if ev.finish_reason in (ERROR, SHUTDOWN):
+            yield _cut(c, ev)
             gen.cancel()
+            yield b"data: [DONE]\n\n"
             return
         lp = None
         if want_logprobs and ev.id >= 0 and ev.finish_reason != SHUTDOWN:
@@ -316,7 +319,7 @@ async def _chat_stream(gen: Generation, cid, created, model, want_logprobs, incl
             yield chunk([{"index": c.index, "delta": {"content": ""}, "logprobs": lp, "finish_reason": None}])
         if ev.finish_reason is not None:
             yield chunk([_with_extras({"index": c.index, "delta": {}, "logprobs": None,
-                                       "finish_reason": _oa_finish(c.finish_reason)}, c.result)])
+                                       "finish_reason": c.finish_reason}, c.result)])
     if include_usage:
         yield _sse(dict(base, choices=[], usage=gen.usage()))
     yield b"data: [DONE]\n\n"
@@ -413,7 +416,7 @@ async def completions(request: Request):
         return json_response({}, 499)
     _raise_on_error(gen)
     choices = [_with_extras(_completion_choice(tok, c.index, prompts[c.group], c.logprobs, c.text,
-                                               _oa_finish(c.finish_reason), req, prompt_lps, c.group), c.result)
+                                               c.finish_reason, req, prompt_lps, c.group), c.result)
                for c in gen.choices]
     return json_response({"id": cid, "object": "text_completion", "created": created, "model": entry.name,
                           "system_fingerprint": FINGERPRINT, "choices": choices, "usage": gen.usage()})
@@ -487,9 +490,10 @@ async def _completion_stream(gen, cid, created, model, logprobs_n, include_usage
         for c in gen.choices:
             yield chunk([{"index": c.index, "text": echo_texts[c.index], "logprobs": None, "finish_reason": None}])
     async for c, ev, deltas in gen.events():
-        if ev.finish_reason == ERROR:
-            yield _sse({"error": {"message": c.error, "type": "server_error", "param": None, "code": None}})
+        if ev.finish_reason in (ERROR, SHUTDOWN):
+            yield _cut(c, ev)
             gen.cancel()
+            yield b"data: [DONE]\n\n"
             return
         text = "".join(d.text for d in deltas)
         lp = None
@@ -499,7 +503,7 @@ async def _completion_stream(gen, cid, created, model, logprobs_n, include_usage
                   "text_offset": [len(c.text) - len(text)]}
         if text or lp or ev.finish_reason is not None:
             part = {"index": c.index, "text": text, "logprobs": lp,
-                    "finish_reason": _oa_finish(c.finish_reason) if ev.finish_reason is not None else None}
+                    "finish_reason": c.finish_reason if ev.finish_reason is not None else None}
             yield chunk([_with_extras(part, c.result) if ev.finish_reason is not None else part])
     if include_usage:
         yield _sse(dict(base, choices=[], usage=gen.usage()))

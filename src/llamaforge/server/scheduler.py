@@ -154,8 +154,10 @@ class Scheduler:
         self._wake.set()
         return fut
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop accepting work, end open streams with a final "shutdown" event, stop the thread."""
+    def shutdown(self, timeout: float = 10.0, reason: str = "the server is shutting down") -> None:
+        """Stop accepting work, end open streams with a final "shutdown" event whose text says why (`reason`),
+        stop the thread."""
+        self._stop_reason = reason
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
@@ -164,7 +166,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             if self._stopping:
-                self._end_all(SHUTDOWN, "")
+                self._end_all(SHUTDOWN, getattr(self, "_stop_reason", "the server is shutting down"))
                 return
             try:
                 self._iteration()

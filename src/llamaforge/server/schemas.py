@@ -20,6 +20,7 @@ MAX_N = 8
 MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETIONS = 5
 MAX_BATCH_PROMPTS = 64
+MAX_KEEP_ALIVE_S = 10 * 365 * 86400   # longer than this is "forever"
 
 # Roles a chat format understands; "developer" is OpenAI's newer name for "system".
 KNOWN_ROLES = ("system", "user", "assistant", "developer")
@@ -358,6 +359,8 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
                           code="invalid_json") from None
     except RecursionError:
         raise bad_request("malformed JSON: nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # e.g. an integer literal of thousands of digits (Python's int-size guard)
+        raise bad_request(f"malformed JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request(f"request body must be a JSON object, not {type(data).__name__}", code="invalid_json")
     try:
@@ -442,17 +445,26 @@ def check_role(role: str, field: str) -> str:
 def parse_keep_alive(value: KeepAlive) -> float | None:
     """Ollama keep_alive -> seconds (negative = forever, 0 = unload now), None = server default.
 
-    Accepts numbers (seconds) and Go-style durations: "5m", "1h30m", "10s", "0", "-1".
+    Accepts numbers (seconds) and Go-style durations: "5m", "1h30m", "10s", "0", "-1". NaN and infinities are
+    refused; anything longer than MAX_KEEP_ALIVE_S means "forever" (-1), as it does in practice.
     """
     if value is None or value == "":
         return None
     if isinstance(value, bool):
         raise bad_request("'keep_alive' must be a number of seconds or a duration such as \"5m\"", "keep_alive")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise bad_request("'keep_alive' must be finite", "keep_alive")
-        return float(value)
+    try:
+        seconds = float(value) if isinstance(value, (int, float)) else _duration(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise bad_request("'keep_alive' must be finite", "keep_alive")
+    return -1.0 if seconds > MAX_KEEP_ALIVE_S else seconds
+
+
+def _duration(value: str) -> float:
     s = value.strip()
+    if len(s) > 64:
+        raise bad_request("'keep_alive' is too long", "keep_alive")
     try:
         return float(s)
     except ValueError:

@@ -3,9 +3,14 @@
 In order, for every HTTP request:
 1. Host / Origin checks against DNS rebinding (loopback binds): a browser tricked into sending requests to
    127.0.0.1 under a foreign name carries that name in Host, and a foreign page carries its Origin -> 403.
-2. API key (when configured): every route but /health needs `Authorization: Bearer KEY` (what the OpenAI and
-   Ollama clients send) or `X-API-Key: KEY` -> else 401.
-3. Body size limit: Content-Length over the limit, or a chunked body that grows past it -> 413.
+2. CORS for the origins allowed with `--allow-origin`: a browser's preflight (OPTIONS with
+   Access-Control-Request-Method) is answered 204 with the Access-Control-Allow-* headers, before any API key
+   is asked for (browsers never send credentials on a preflight); responses to allowed cross-origin requests
+   carry Access-Control-Allow-Origin.
+3. API key (when configured): every route but /health needs `Authorization: Bearer KEY` (what the OpenAI and
+   Ollama clients send) or `X-API-Key: KEY` -> else 401. Keys are compared as UTF-8 bytes, so a non-ASCII key
+   works.
+4. Body size limit: Content-Length over the limit, or a chunked body that grows past it -> 413.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from typing import Iterable
 from urllib.parse import urlsplit
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
+CORS_METHODS = b"GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = b"authorization, content-type, x-api-key"
 PUBLIC_PATHS = frozenset({"/health"})
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
@@ -71,8 +78,15 @@ class SecurityMiddleware:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
-        problem = (self._check_host(headers) or self._check_origin(headers)
-                   or self._check_key(path, headers) or self._check_length(headers))
+        problem = self._check_host(headers) or self._check_origin(headers)
+        if problem:
+            return await self._reject(scope, send, path, *problem)
+        cors = self._cors_origin(headers)
+        if cors is not None and scope.get("method") == "OPTIONS" and "access-control-request-method" in headers:
+            return await self._preflight(send, cors)
+        if cors is not None:
+            send = _with_cors(send, cors)  # errors too: a page must be able to read why it was refused
+        problem = self._check_key(path, headers) or self._check_length(headers)
         if problem:
             return await self._reject(scope, send, path, *problem)
         if scope.get("method") in ("POST", "PUT", "PATCH", "DELETE"):
@@ -131,10 +145,31 @@ class SecurityMiddleware:
             given = auth[7:].strip()
         elif "x-api-key" in headers:
             given = headers["x-api-key"].strip()
-        if given is not None and hmac.compare_digest(given.encode(), self.api_key.encode()):
+        # ASGI hands header bytes over as latin-1 text: back to bytes, compared with the key's UTF-8 bytes.
+        if given is not None and hmac.compare_digest(given.encode("latin-1", "replace"),
+                                                     self.api_key.encode("utf-8")):
             return None
         why = "missing API key" if given is None else "invalid API key"
         return 401, f"{why}: send 'Authorization: Bearer <key>'", "authentication_error", "invalid_api_key"
+
+    def _cors_origin(self, headers) -> bytes | None:
+        """The Origin to echo in CORS headers: a cross-origin one that --allow-origin lets in (else None)."""
+        origin = headers.get("origin")
+        if origin is None or not self.allowed_origins:
+            return None
+        o = origin.rstrip("/").lower()
+        if urlsplit(o).netloc == headers.get("host", "").lower():
+            return None  # same origin: no CORS involved
+        if o in self.allowed_origins or "*" in self.allowed_origins:
+            return origin.encode("latin-1")
+        return None
+
+    async def _preflight(self, send, origin: bytes) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": [
+            (b"access-control-allow-origin", origin), (b"access-control-allow-methods", CORS_METHODS),
+            (b"access-control-allow-headers", CORS_HEADERS), (b"access-control-max-age", b"600"),
+            (b"vary", b"Origin"), (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
 
     def _check_length(self, headers):
         cl = headers.get("content-length")
@@ -160,6 +195,15 @@ class SecurityMiddleware:
             headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _with_cors(send, origin: bytes):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            message = dict(message, headers=list(message.get("headers", [])) + [
+                (b"access-control-allow-origin", origin), (b"vary", b"Origin")])
+        await send(message)
+    return wrapped
 
 
 class _BodyTooLarge(Exception):

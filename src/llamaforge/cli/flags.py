@@ -1,0 +1,82 @@
+"""Flags shared by the commands that load a model and generate (run, generate, and the feature commands)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+# SamplingParams field -> the flag a user typed, so errors name the flag.
+FLAG_FOR_FIELD = {
+    "max_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+    "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "repeat_last_n": "--repeat-last-n",
+    "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty", "seed": "--seed",
+    "stop": "--stop",
+}
+
+
+def add_load_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype / --quant: how the weights are held in memory (default: the fast packed format for the file)."""
+    p.add_argument("--dtype", metavar="DTYPE", help="float32, bfloat16 or float16 dense weights "
+                                                   "(float32 gives reference-exact results)")
+    p.add_argument("--quant", metavar="Q", help="in-memory weight format: auto (default), none, q4, int8, bf16")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """The sampling flags. `defaults`: the command's own defaults where they differ from SamplingParams' (the
+    help text states the value really used); a model's stored options override both."""
+    from ..generate.sampling import SamplingParams
+    d = {f: getattr(SamplingParams, f) for f in FLAG_FOR_FIELD if f != "stop"}
+    d.update(defaults or {})
+    p.add_argument("--max-tokens", type=int, metavar="N", help=f"generate at most N tokens (default {d['max_tokens']})")
+    p.add_argument("--temperature", type=float, metavar="T", help=f"0 = greedy (default {d['temperature']})")
+    p.add_argument("--top-k", type=int, metavar="K", help=f"keep the K most likely tokens, 0 = off (default {d['top_k']})")
+    p.add_argument("--top-p", type=float, metavar="P", help=f"nucleus sampling in (0, 1] (default {d['top_p']})")
+    p.add_argument("--min-p", type=float, metavar="P", help=f"drop tokens below P x the best one (default {d['min_p']})")
+    p.add_argument("--repeat-penalty", type=float, metavar="R",
+                   help=f"penalise recent tokens, 1 = off (default {d['repeat_penalty']})")
+    p.add_argument("--repeat-last-n", type=int, metavar="N",
+                   help=f"tokens the penalties look back (default {d['repeat_last_n']})")
+    p.add_argument("--presence-penalty", type=float, metavar="X", help="OpenAI-style presence penalty (default 0)")
+    p.add_argument("--frequency-penalty", type=float, metavar="X", help="OpenAI-style frequency penalty (default 0)")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed: the same seed gives the same output")
+    p.add_argument("--stop", action="append", metavar="STR", default=None,
+                   help="stop at this string (repeatable); the string itself is not printed")
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict:
+    """Keyword arguments for SamplingParams from the flags the user actually gave."""
+    out = {}
+    for field in FLAG_FOR_FIELD:
+        v = getattr(args, field, None)
+        if v is not None:
+            out[field] = tuple(v) if field == "stop" else v
+    return out
+
+
+def check_sampling(sampling: dict) -> str | None:
+    """Validate the flags before loading the model; return an error line naming the flag, or None."""
+    from ..errors import InvalidRequestError
+    from ..generate.sampling import SamplingParams
+    try:
+        SamplingParams.from_kwargs(**sampling)
+    except InvalidRequestError as e:
+        flag = FLAG_FOR_FIELD.get(e.field or "", e.field)
+        msg = str(e)
+        if e.field and msg.startswith(e.field):
+            msg = msg[len(e.field):].lstrip()
+        return f"Error: {flag}: {msg}"
+    return None
+
+
+def load_model(name: str, *, dtype: str | None = None, quant: str | None = None):
+    """Load by store name or path, with a status line on stderr only when stderr is a terminal."""
+    import llamaforge
+    tty = sys.stderr.isatty()
+    if tty:
+        sys.stderr.write(f"loading {name} ...")
+        sys.stderr.flush()
+    try:
+        return llamaforge.load(name, dtype=dtype, quant=quant)
+    finally:
+        if tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
