@@ -33,7 +33,13 @@ class GrammarLogitsProcessor:
         n = grammar.lltok.vocab_size
         self.vocab = n
         self._words = torch.zeros((n + 31) // 32, dtype=torch.int32)
-        self._stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        stops = sorted(set(stop_ids))
+        self._stops = torch.tensor(stops, dtype=torch.long)
+        # llguidance itself allows its end ids (the tokenizer's) exactly when the grammar accepts; the request's
+        # other stop ids (a chat format's end of turn, stop_ids) get the same rule here.
+        own = set(grammar.lltok.eos_tokens)
+        extra = [i for i in stops if i not in own and i < n]
+        self._extra_stops = torch.tensor(extra, dtype=torch.long) if extra else None
         self._seen: int | None = seen  # tokens of token_ids already reflected in the matcher (None: the prompt's)
         self.failed = ""
 
@@ -48,27 +54,25 @@ class GrammarLogitsProcessor:
 
     def __call__(self, token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         self._advance(token_ids)
-        stops = self._stops[self._stops < logits.shape[-1]]
         if not self.failed:
             self.matcher.unsafe_compute_mask_ptr(self._words.data_ptr(), self._words.numel() * 4)
             if self.matcher.is_error():
                 self.failed = self.matcher.get_error()
         if self.failed:
-            keep = logits[stops].clone()
+            stops = self._stops[self._stops < logits.shape[-1]]
+            keep = logits[stops]
             logits.fill_(float("-inf"))
             logits[stops] = keep
             return logits
-        accepting = self.matcher.is_accepting()
-        keep = logits[stops].clone() if accepting else None
-        bias = torch.nn.functional.embedding(self._words.view(torch.uint8).long(), _BYTE_TABLE).reshape(-1)
-        n = min(self.vocab, logits.shape[-1])
-        logits[:n] += bias[:n].to(logits.dtype)
-        if logits.shape[-1] > n:
-            logits[n:] = float("-inf")  # ids the tokenizer does not have (a padded embedding)
-        if accepting:
-            logits[stops] = keep
+        bias = torch.nn.functional.embedding(self._words.view(torch.uint8).long(), _BYTE_TABLE).view(-1)
+        if self._extra_stops is not None:
+            bias.index_fill_(0, self._extra_stops, 0.0 if self.matcher.is_accepting() else float("-inf"))
+        v = logits.shape[-1]
+        if v <= self.vocab:
+            logits += bias[:v]
         else:
-            logits[stops] = float("-inf")
+            logits[:self.vocab] += bias[:self.vocab]
+            logits[self.vocab:] = float("-inf")  # ids the tokenizer does not have (a padded embedding)
         return logits
 
 
