@@ -62,7 +62,7 @@ CHAT = {
     "model": ("smollm2", OK, lambda r, h: r.json()["model"] == "smollm2"),
     "moderation": ({"enabled": True}, REFUSED, None),
     "n": (2, OK, lambda r, h: len(r.json()["choices"]) == 2),
-    "parallel_tool_calls": (False, REFUSED, None),  # only with tools, and tools need a tools stage
+    "parallel_tool_calls": (False, REFUSED, None),  # refused without tools (with tools: test_structured_e2e)
     "prediction": ({"type": "content", "content": "hi"}, REFUSED, None),
     "presence_penalty": (0.5, OK, lambda r, h: r.status_code == 200),
     "prompt_cache_key": ("k", REFUSED, None),
@@ -80,19 +80,19 @@ CHAT = {
     "stream": (True, OK, lambda r, h: r.text.rstrip().endswith("data: [DONE]")),
     "stream_options": ({"include_usage": True}, OK, None),  # with stream: usage chunk checked separately
     "temperature": (0.0, OK, None),  # greedy: checked with seed-independence below
-    "tool_choice": ("required", REFUSED, None),
-    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], REFUSED, None),
+    "tool_choice": ("required", REFUSED, None),  # refused without tools (with tools: test_structured_e2e)
+    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], OK,
+              lambda r, h: r.json()["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")),
     "top_logprobs": (2, OK, None),  # needs logprobs: checked separately
     "top_p": (0.5, OK, lambda r, h: r.status_code == 200),
     "user": ("user-1", OK, lambda r, h: r.status_code == 200),
     "verbosity": ("low", REFUSED, None),
     "web_search_options": ({}, REFUSED, None),
 }
-# Tools and response_format json_schema are planned features (issue 12): until a stage provides them they are
-# refused, never served as if they had no effect.
+# response_format json_schema (issue 12): served, the answer valid under the schema (more in test_structured_e2e).
 CHAT_EXTRA = {
     "response_format_schema": ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
-                               REFUSED),
+                               OK),
 }
 COMPLETION = {
     "best_of": (3, REFUSED, None),
@@ -180,7 +180,12 @@ def test_openai_seed_reproduces_and_unknown_fields_are_refused(http):
     assert r.status_code == 400 and r.json()["error"]["param"] == "frobnicate"
     for name, (value, expect) in CHAT_EXTRA.items():
         r = http.post(ROUTE["chat"], json=dict(BASE["chat"], response_format=value))
-        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+        if expect == REFUSED:
+            assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+        else:
+            c = r.json()["choices"][0]
+            assert r.status_code == 200 and (c["finish_reason"] == "length" or
+                                             isinstance(json.loads(c["message"]["content"]), dict)), r.text
 
 
 # ------------------------------------------------------------------------------------------------ messages
@@ -200,7 +205,7 @@ def test_openai_message_fields():
      "messages[0].function_call"),
     ({"role": "function", "content": "x", "name": "f"}, "messages[0].role"),
     ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}, "messages[0].content"),
-    ({"role": "tool", "content": "42", "tool_call_id": "call_1"}, "tools"),
+    ({"role": "tool", "content": "42", "tool_call_id": "call_1"}, "messages[0].tool_call_id"),  # no such call
 ])
 def test_openai_message_fields_refused_by_name(http, message, param):
     r = http.post(ROUTE["chat"], json=dict(BASE["chat"], messages=[message]))
@@ -257,7 +262,8 @@ CHAT_OL = {
     "options": ({"num_predict": 2}, OK, lambda r: r.json()["eval_count"] <= 2),
     "stream": (False, OK, lambda r: r.json()["done"] is True),
     "think": (True, REFUSED, None),
-    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], REFUSED, None),
+    "tools": ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], OK,
+              lambda r: r.json()["done"] is True),
     "top_logprobs": (2, OK, lambda r: len(r.json()["logprobs"][0]["top_logprobs"]) == 2),
 }
 EMBED_OL = {

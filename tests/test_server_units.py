@@ -2,16 +2,11 @@
 the security middleware (on a bare ASGI app)."""
 from __future__ import annotations
 
-import json
 import math
-import re
 
 import httpx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from llamaforge.generate.constraints.json_object import JsonPrefix
 from llamaforge.server.metrics import Metrics
 from llamaforge.errors import LlamaforgeError
 from llamaforge.generate.pipeline import plan
@@ -128,45 +123,6 @@ def test_metrics_text_format():
     for line in text.splitlines():  # every sample line is "name{labels} number"
         if not line.startswith("#"):
             float(line.rsplit(" ", 1)[1].replace("+Inf", "inf"))
-
-
-# ------------------------------------------------------------------------------------------ JSON recogniser
-def _accepts(text: str) -> tuple[bool, bool]:
-    p = JsonPrefix()
-    return p.feed_text(text), p.complete
-
-
-@pytest.mark.parametrize("text", ['{}', '{"a": 1}', '{"a": [1, 2.5e-3, -0, true, false, null, "x\\n\\u00e9"]}',
-                                  '{"a": {"b": {}}, "c": []}', '{ "k" : "v" }'])
-def test_json_prefix_accepts_valid_objects(text):
-    assert _accepts(text) == (True, True)
-    json.loads(text)
-
-
-@pytest.mark.parametrize("text", ['[1]', '"x"', '{a: 1}', '{"a" 1}', '{"a": 01}', '{"a": 1,}', '{"a": tru }',
-                                  '{"a": 1}}', '{"a": "\x01"}', '{"a": 1} x', '{"a": -}', '{"a": 1.}', '{"a":\\}'])
-def test_json_prefix_rejects_invalid(text):
-    assert _accepts(text)[0] is False or _accepts(text)[1] is False
-
-
-def test_json_prefix_incomplete_is_not_complete():
-    for text in ['{', '{"a"', '{"a": ', '{"a": [1', '{"a": "x']:
-        assert _accepts(text) == (True, False)
-
-
-_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-                     | st.text(max_size=8), lambda ch: st.lists(ch, max_size=3)
-                     | st.dictionaries(st.text(max_size=5), ch, max_size=3), max_leaves=8)
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.dictionaries(st.text(max_size=5), _json, max_size=4), st.sampled_from([None, 1]))
-def test_json_prefix_agrees_with_json_module(obj, indent):
-    # The recogniser allows at most 2 whitespace characters in a row outside strings (no endless padding).
-    text = re.sub(r"\s+", " ", json.dumps(obj, indent=indent, ensure_ascii=False))
-    json.loads(text)
-    assert _accepts(text) == (True, True)
-    assert _accepts(text[:-1]) == (True, False)
 
 
 # ---------------------------------------------------------------------------------------------- middleware

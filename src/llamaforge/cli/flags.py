@@ -67,6 +67,46 @@ def check_sampling(sampling: dict) -> str | None:
     return None
 
 
+MAX_CONSTRAINT_FILE = 1 << 20  # a JSON Schema or grammar file (the engine's own limit on grammar text)
+
+
+def add_constraint_flags(p: argparse.ArgumentParser) -> None:
+    """--json-schema FILE / --grammar FILE / --regex RE: the output must match (constrained decoding)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid under the JSON Schema in FILE")
+    g.add_argument("--grammar", metavar="FILE", help="answer in the Lark (or GBNF: *.gbnf) grammar in FILE")
+    g.add_argument("--regex", metavar="RE", help="the answer must match the regular expression RE")
+    p.add_argument("--grammar-syntax", choices=("lark", "gbnf"), help="the syntax of --grammar (default: from "
+                                                                     "the file name, .gbnf = GBNF, else Lark)")
+
+
+def constraint_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
+    """(keyword arguments for the seam, or an error line naming the flag). Files are read with a size bound."""
+    from .._fs import read_text_bounded
+    from ..errors import LlamaforgeError
+    if getattr(args, "regex", None) is not None:
+        return {"regex": args.regex}, None
+    for flag, name in (("--json-schema", "json_schema"), ("--grammar", "grammar")):
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        try:
+            text = read_text_bounded(path, MAX_CONSTRAINT_FILE, f"{flag} file")
+        except LlamaforgeError as e:
+            return {}, f"Error: {flag}: {e}"
+        if name == "grammar":
+            syntax = args.grammar_syntax or ("gbnf" if str(path).lower().endswith(".gbnf") else "lark")
+            return {"grammar": text, "grammar_syntax": syntax}, None
+        import json
+        try:
+            return {"json_schema": json.loads(text)}, None
+        except (ValueError, RecursionError) as e:
+            return {}, f"Error: {flag}: {path} is not JSON ({e})"
+    if getattr(args, "grammar_syntax", None) is not None:
+        return {}, "Error: --grammar-syntax: needs --grammar"
+    return {}, None
+
+
 def load_model(name: str, *, dtype: str | None = None, quant: str | None = None):
     """Load by store name or path, with a status line on stderr only when stderr is a terminal."""
     import llamaforge

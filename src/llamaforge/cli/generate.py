@@ -5,7 +5,8 @@ import argparse
 import json
 import sys
 
-from .flags import add_load_flags, add_sampling_flags, check_sampling, load_model, sampling_from_args
+from .flags import (add_constraint_flags, add_load_flags, add_sampling_flags, check_sampling, constraint_from_args,
+                    load_model, sampling_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT", help="the text to continue ('-' reads it from stdin)")
     add_sampling_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_constraint_flags(p)
     add_load_flags(p)
     return p
 
@@ -24,10 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     sampling = sampling_from_args(args)
-    err = check_sampling(sampling)
+    constraint, err = constraint_from_args(args)
+    err = err or check_sampling(sampling)
     if err:
         print(err, file=sys.stderr)
         return 1
+    sampling.update(constraint)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     lm = load_model(args.model, dtype=args.dtype, quant=args.quant)
     from ..generate.api import generate, stream

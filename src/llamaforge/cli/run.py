@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 
-from .flags import add_load_flags, add_sampling_flags, check_sampling, load_model, sampling_from_args
+from .flags import (add_constraint_flags, add_load_flags, add_sampling_flags, check_sampling, constraint_from_args,
+                    load_model, sampling_from_args)
 
 DEFAULT_MODEL = "smollm2"
 DEMO_PROMPT = "In two or three sentences, why is the sky blue?"
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show token counts and speed after each answer")
     p.add_argument("--system", metavar="TEXT", help="system message (overrides the model's)")
     add_sampling_flags(p, defaults=RUN_DEFAULTS)
+    add_constraint_flags(p)
     add_load_flags(p)
     return p
 
@@ -276,10 +278,12 @@ def repl(session: Repl) -> int:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     sampling = sampling_from_args(args)
-    err = check_sampling(sampling)
+    constraint, err = constraint_from_args(args)
+    err = err or check_sampling(sampling)
     if err:
         print(err, file=sys.stderr)
         return 1
+    sampling.update(constraint)  # every answer of the session follows it
     interactive = args.prompt is None and sys.stdin.isatty()
     text = args.prompt
     demo = False

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..api import load
 from ..errors import InvalidRequestError
-from ..generate.pipeline import chat_format
+from ..generate.chat_formats import chat_format
 from .backends import InProcessBackend, generate_batch
 
 DEFAULT_MAX_GEN_TOKS = 256

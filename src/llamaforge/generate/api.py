@@ -218,6 +218,10 @@ def build_request(*, messages=None, prompt=None, defaults: dict | None = None, *
     elif features.get("json_mode"):
         constraint = Constraint("json")
     req.constraint = constraint
+    if constraint is not None:
+        key = {"json_schema": "json_schema", "regex": "regex", "grammar": "grammar"}.get(constraint.kind, "json_mode")
+        req.fields.update({"constraint": key, "constraint.schema": "json_schema", "constraint.pattern": "regex",
+                           "constraint.grammar": "grammar", "constraint.syntax": "grammar_syntax"})
     if features.get("tools"):
         req.tools = [_tool(t) for t in features["tools"]]
     choice = features.get("tool_choice")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..errors import ContextLengthError, InvalidRequestError, TemplateError, TokenizerError
+from .chat_formats import chat_format
 from .engine import context_length as model_context_length
 from .request import CONSTRAINT_KINDS, TOOL_CHOICES, GenerationRequest
 from .sampling import LogitsProcessor, SamplingParams, check_number, check_token_ids, params_from_options
@@ -206,23 +207,6 @@ def _apply_default_system(ctx: PlanContext) -> None:
         ctx.messages.insert(0, {"role": "system", "content": system})
 
 
-def chat_format(lm):
-    """The model's ChatFormat (its stored template override, else its own), built once per model."""
-    from ..tokenizer.chat import chat_format_for
-    template = (getattr(lm, "defaults", None) or {}).get("template") or None
-    cached = lm.__dict__.get("_chat_format")
-    if cached is not None and cached[0] == template and cached[1] is lm.tokenizer:
-        return cached[2]
-    if lm.tokenizer is None:
-        raise TokenizerError("this model has no tokenizer")
-    try:
-        fmt = chat_format_for(lm.tokenizer, template=template)
-    except TemplateError as e:
-        raise TemplateError(f"the model's chat template cannot be used: {e}") from None
-    lm.__dict__["_chat_format"] = (template, lm.tokenizer, fmt)
-    return fmt
-
-
 def _encode_chat(ctx: PlanContext) -> tuple[list[int], tuple[int, ...]]:
     fmt = chat_format(ctx.lm)
     try:
@@ -293,8 +277,10 @@ def _sampling(ctx: PlanContext, prompt_len: int, ctx_len: int, format_stops: tup
 
 
 def _builtin_stages() -> None:
-    from .constraints import json_object
-    register(json_object.JsonObjectStage())
+    from .constraints.stage import ConstraintStage
+    from .tools.stage import ToolStage
+    register(ToolStage())        # first: its output filter takes call text out before the constraint's check
+    register(ConstraintStage())
 
 
 _builtin_stages()

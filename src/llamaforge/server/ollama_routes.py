@@ -102,7 +102,8 @@ def _common(st, req, messages=None, prompt=None) -> GenerationRequest:
                              constraint=_constraint(req.format), stream=req.stream, guards=guards,
                              retrieval=Retrieval(req.retrieval.collection, req.retrieval.k) if req.retrieval
                              else None,
-                             fields=dict(_FIELDS, constraint="format", prompt="prompt"))
+                             fields=dict(_FIELDS, constraint="format", prompt="prompt",
+                                         **{"constraint.schema": "format"}))
 
 
 def generate_request(st, req: OllamaGenerateRequest) -> GenerationRequest:

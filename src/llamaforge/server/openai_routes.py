@@ -210,7 +210,8 @@ def chat_request(st, req: OpenAIChatRequest) -> GenerationRequest:
         parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
         retrieval=Retrieval(req.retrieval.collection, req.retrieval.k) if req.retrieval else None,
         guards=_guards(st, req.guards), n=req.n, stream=req.stream, limits=LIMITS,
-        fields={"max_tokens": field, "constraint": "response_format", "prompt": "messages", "stop_ids": "messages"})
+        fields={"max_tokens": field, "constraint": "response_format", "prompt": "messages", "stop_ids": "messages",
+                "constraint.schema": "response_format.json_schema.schema"})
 
 
 # ------------------------------------------------------------------------------------------- chat completions

