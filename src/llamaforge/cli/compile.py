@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llamaforge compile", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default="smollm2", help="store name or path (default: smollm2)")
     ap.add_argument("--quant", default=None, help="in-memory format to compile for (default: the model's default)")
-    ap.add_argument("--threads", type=int, default=None, help="threads the step will run with (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads the step will run with (default: what run/serve use, one per usable core)")
     ap.add_argument("--force", action="store_true", help="rebuild even when a compiled step is cached")
     # The background build process (generate.compiled starts it): where to write, the lock it releases, priority.
     hidden = argparse.SUPPRESS
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..api import load
     from ..generate import compiled
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    from ..threads import apply_threads
+    apply_threads(a.threads)
     t0 = time.perf_counter()
     lm = load(a.model, quant=a.quant, compile=False)
     if (lm.metadata.get("quant") or "none") == "none":

@@ -28,7 +28,8 @@ def validate_template(text: str) -> None:
 OPTION_ALIASES = {"num_predict": "max_tokens", "repeat_last_n": "repeat_last_n"}
 _OPTION_TYPES = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
                  "repeat_penalty": float, "presence_penalty": float, "frequency_penalty": float,
-                 "repeat_last_n": int, "seed": int, "stop": list, "logprobs": int, "ignore_eos": bool}
+                 "repeat_last_n": int, "seed": int, "stop": list, "logprobs": int, "ignore_eos": bool,
+                 "num_thread": int}
 
 
 def parse_param(text: str) -> tuple[str, Any]:
@@ -85,6 +86,12 @@ def validate_options(opts: dict) -> dict:
             ok = isinstance(v, list) and all(isinstance(s, str) for s in v)
         if not ok:
             raise StoreError(f"parameter {k!r} must be {typ.__name__}, got {v!r}")
+        if k == "num_thread":
+            from ..threads import parse_threads
+            try:
+                parse_threads(v, "num_thread")
+            except LlamaforgeError as e:
+                raise StoreError(f"invalid parameter: {e}") from None
         out[k] = v
     from ..generate.sampling import SamplingParams  # the one set of rules for values (ranges, finiteness)
     try:
