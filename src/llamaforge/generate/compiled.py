@@ -9,6 +9,9 @@ once it lands.
 
     lm = llamaforge.load(path)             # attaches lm.compiled when an artifact is cached, else builds one
     logits = decode_one(lm, token_id, cache, pos)   # compiled when possible, else the eager model
+    builds()                               # the background builds running now (what `llamaforge ps` lists)
+
+Starting a background build says so in one line on stderr (it costs CPU while it runs, ~1 GB of memory).
 """
 from __future__ import annotations
 
@@ -152,7 +155,7 @@ def _prune(folder: Path, keep: Path, max_files: int = KEEP_ARTIFACTS) -> None:
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for old in [p for p in found if p != keep][max_files - 1:]:
         for f in (old, aot.batch_path(old), old.with_suffix(".log"), old.with_suffix(".lock"),
-                  old.with_suffix(".failed")):
+                  old.with_suffix(".failed"), _build_info_path(old)):
             f.unlink(missing_ok=True)
 
 
@@ -167,6 +170,47 @@ def _failed_recently(path: Path) -> bool:
         return time.time() - failed_marker(path).stat().st_mtime < _RETRY_FAILED_S
     except FileNotFoundError:
         return False
+
+
+def _build_info_path(path: Path) -> Path:
+    return path.with_suffix(".build.json")
+
+
+def builds() -> list[dict]:
+    """The compiled-step builds running now in this store: {artifact, pid, model, quant, threads, started (epoch
+    seconds), log}, oldest first. A build whose process is gone (killed, crashed) is not listed."""
+    folder = home() / "compiled"
+    out = []
+    for lock in sorted(folder.glob("decode-*.lock")) if folder.is_dir() else []:
+        try:
+            pid = int(lock.read_text() or 0)
+            started = lock.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if pid <= 0 or not pid_alive(pid) or time.time() - started > _LOCK_STALE_S:
+            continue
+        artifact = lock.with_suffix(".pt2")
+        info = {"artifact": str(artifact), "pid": pid, "model": None, "quant": None, "threads": None,
+                "started": started, "log": str(artifact.with_suffix(".log"))}
+        try:
+            extra = json.loads(_build_info_path(artifact).read_text(encoding="utf-8"))
+            info.update({k: extra.get(k) for k in ("model", "quant", "threads")})
+        except (OSError, ValueError, AttributeError):
+            pass
+        out.append(info)
+    return sorted(out, key=lambda b: b["started"])
+
+
+def _display_name(lm) -> str:
+    return lm.name or (Path(lm.path).name if lm.path is not None else "this model")
+
+
+def _announce(lm, pid: int, threads: int) -> None:
+    # One line, so that a slower first answer and a busy CPU are not a mystery (issue 19).
+    print(f"llamaforge: building the compiled decode step for {_display_name(lm)} ({threads} threads) in the background "
+          f"(pid {pid}, idle priority, ~1-2 min); decoding eagerly until it is ready. `llamaforge ps` lists "
+          "builds, `llamaforge compile` builds it up front, LLAMAFORGE_COMPILE=0 turns it off.",
+          file=sys.stderr, flush=True)
 
 
 def _start_background_build(lm, path: Path) -> None:
@@ -185,11 +229,18 @@ def _start_background_build(lm, path: Path) -> None:
     except FileExistsError:
         return
     quant = lm.metadata.get("quant") or "none"
+    threads = torch.get_num_threads()
     cmd = [sys.executable, "-m", BUILD_MODULE, "--build-step", str(lm.path), "--quant", quant,
-           "--threads", str(torch.get_num_threads()), "--out", str(path), "--lock", str(lock), "--idle"]
+           "--threads", str(threads), "--out", str(path), "--lock", str(lock), "--idle"]
     log = open(path.with_suffix(".log"), "wb")
     # No preexec_fn (unsafe in threaded servers): the child lowers its own priority.
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     log.close()
     os.write(fd, str(proc.pid).encode())
     os.close(fd)
+    try:
+        _build_info_path(path).write_text(json.dumps({"model": _display_name(lm), "quant": quant,
+                                                      "threads": threads, "pid": proc.pid}), encoding="utf-8")
+    except OSError:
+        pass  # only `builds()` reads it, and it copes without
+    _announce(lm, proc.pid, threads)
