@@ -69,17 +69,38 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
     # A store.Resolved (what the server resolved by name) is used as is; anything else is resolved here.
     ref = path_or_name if isinstance(path_or_name, Resolved) else resolve(path_or_name)
     _set_threads(threads, ref)
-    if quant is None and dtype is None and not (ref.defaults or {}).get("adapter"):
-        quant = "auto"  # the fast in-memory format for this file (model.quant.default_quant); adapters need dense
+    adapter = (ref.defaults or {}).get("adapter")
+    repack = None
+    if quant is None and dtype is None:
+        # The fast in-memory format for this file (model.quant.default_quant). A store model with an adapter is
+        # loaded dense, the adapter merged in float32, then packed again into that same format (below).
+        quant = "auto"
+        if adapter:
+            quant, repack = None, "auto"
     lm = LoadedModel.wrap(load_model(ref.path, dtype=dtype, device=device, quant=quant, **kwargs))
     lm.name = ref.name
     lm.defaults = dict(ref.defaults or {})
-    if lm.defaults.get("adapter"):
+    if adapter:
         # A store model created with `--adapter`: a PEFT LoRA adapter directory applied on top of the base.
-        lm.apply_adapter(lm.defaults["adapter"])
+        lm.apply_adapter(adapter)
+        if repack is not None:
+            _repack(lm, device)
     if compile and (lm.metadata.get("quant") or "none") != "none":
         lm.attach_compiled(build_missing=True if compile is True else "background")
     return lm
+
+
+def _repack(lm, device) -> None:
+    """Merged adapter -> the base file's fast format (int4 groups of 32 for Q4_0/Q4_1 files, int8 rows for other
+    quantized files): the fine-tuned model keeps the packed base's speed and its compiled step (the weights are
+    the step's inputs, so it shares the base's artifact). Measured in bench/NOTES.md (fine-tuned fast path)."""
+    from .model.quant import quantize_model, resolve_quant
+    target = resolve_quant("auto", None, device, lm.metadata.get("file_type"))
+    if target == "none":
+        return
+    quantize_model(lm.model, target, device=device)
+    lm.metadata["quant"] = getattr(lm.model, "_quant", target)
+    lm.metadata["repacked_after_adapter"] = True
 
 
 def _set_threads(threads, ref) -> None:

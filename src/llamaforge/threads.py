@@ -8,8 +8,10 @@ Two things decide decode speed on a CPU that other work shares:
   `LLAMAFORGE_NUM_THREADS` or `OMP_NUM_THREADS` override it (in that order).
 * the wait policy: PyTorch's libgomp lets a thread that reaches a barrier spin for ~300k iterations before it
   sleeps. When another process holds one of the cores, the spinning thread burns the time slice the preempted
-  thread needs, and one decode step (hundreds of barriers) can take a second instead of 10 ms. A short spin
-  (`GOMP_SPINCOUNT`) keeps the fast wake-up when the machine is quiet and gives the core back when it is not.
+  thread needs, and one decode step (hundreds of barriers) can take a second instead of 10 ms. We set
+  `GOMP_SPINCOUNT=0` (a waiting thread sleeps at once and gives its core back): on a loaded 2-core machine it
+  decoded 6.1 tokens/s where libgomp's default spin gave 0.7 and a 10k spin 1.4 (bench/contention.py);
+  `LLAMAFORGE_SPINCOUNT=N` chooses another spin count, `OMP_WAIT_POLICY` / `GOMP_SPINCOUNT` of your own win.
   libgomp reads these variables once, when PyTorch loads it, so `prepare_openmp()` runs at `import llamaforge`
   (before torch) and never overrides what the user set. `bench/contention.py` measures each setting.
 """
@@ -22,7 +24,7 @@ from .errors import InvalidRequestError
 
 ENV_THREADS = "LLAMAFORGE_NUM_THREADS"
 ENV_SPIN = "LLAMAFORGE_SPINCOUNT"            # our default spin count, overridable ("0" = sleep at once)
-DEFAULT_SPINCOUNT = "10000"                  # ~10-30 us of spinning: see bench/NOTES.md (contention)
+DEFAULT_SPINCOUNT = "0"                      # sleep at once: measured in bench/NOTES.md (contention)
 MAX_THREADS = 1024                           # a sanity bound: a typo like 20000 is an error, not 20000 threads
 _USER_OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
@@ -100,7 +102,7 @@ def default_threads() -> int:
 
 
 def prepare_openmp(environ=None, modules=None) -> bool:
-    """Set a short OpenMP spin (GOMP_SPINCOUNT) before PyTorch loads libgomp, unless the user chose a wait policy
+    """Set the OpenMP spin count (GOMP_SPINCOUNT, default 0) before PyTorch loads libgomp, unless the user chose a wait policy
     or torch is already imported (then it is too late: libgomp read its settings at load). True if it set one."""
     env = os.environ if environ is None else environ
     if "torch" in (sys.modules if modules is None else modules) or any(v in env for v in _USER_OPENMP_VARS):

@@ -98,8 +98,9 @@ def attach(lm, *, build_missing: bool | str = "background") -> aot.CompiledDecod
     if not path.exists():
         if build_missing is True:
             build(model, path)
-        elif (build_missing == "background" and lm.path is not None and not (lm.defaults or {}).get("adapter")
-              and not _failed_recently(path)):
+        elif build_missing == "background" and lm.path is not None and not _failed_recently(path):
+            # A fine-tuned model re-packed after merging its adapter has the base's signature: the build process
+            # compiles from the base file, and the artifact serves both (weights are the step's inputs).
             _start_background_build(lm, path)
             lm._compiled_pending = [path, time.monotonic() + _POLL_S]
             return None
