@@ -94,11 +94,12 @@ def _repack(lm, device) -> None:
     """Merged adapter -> the base file's fast format (int4 groups of 32 for Q4_0/Q4_1 files, int8 rows for other
     quantized files): the fine-tuned model keeps the packed base's speed and its compiled step (the weights are
     the step's inputs, so it shares the base's artifact). Measured in bench/NOTES.md (fine-tuned fast path)."""
-    from .model.quant import quantize_model, resolve_quant
+    from .formats.repack import repack_merged
+    from .model.quant import resolve_quant
     target = resolve_quant("auto", None, device, lm.metadata.get("file_type"))
-    if target == "none":
+    if target not in ("q4", "int8"):
         return
-    quantize_model(lm.model, target, device=device)
+    repack_merged(lm.model, target, device=device)
     lm.metadata["quant"] = getattr(lm.model, "_quant", target)
     lm.metadata["repacked_after_adapter"] = True
 
