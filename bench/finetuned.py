@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--adapter", type=Path, help="a PEFT LoRA adapter for SmolLM2 (default: a synthetic one)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
     name = f"bench-finetuned-{os.getpid()}"
     store.create(name, "smollm2", adapter=adapter)
     try:
-        ids = llamaforge.load(str(gguf), compile=False).tokenizer.encode(TEXT.read_text())[:2048]
+        ids = llamaforge.load(str(gguf), compile=False).tokenizer.encode(TEXT.read_text())[:a.ppl_tokens]
         ref = llamaforge.load(name, dtype="float32", compile=False)
         packed = llamaforge.load(name, compile=False)
         base = llamaforge.load("smollm2", compile=False)
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     ref_ppl = ppl["float32 merged"]
     lines = [f"Fine-tuned model on the fast path ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} CPUs, shared machine, load average {open('/proc/loadavg').read().split()[0]})", "",
-             "| perplexity (essay.txt, 2048 tokens, ctx 512) | value | vs float32 merged |", "|---|---|---|"]
+             f"| perplexity (essay.txt, {len(ids)} tokens, ctx 512) | value | vs float32 merged |", "|---|---|---|"]
     lines += [f"| {k} | {v:.4f} | {100 * (v / ref_ppl - 1):+.2f}% |" for k, v in ppl.items()]
     med = {k: statistics.median(v) for k, v in speeds.items()}
     lines += ["", f"| decode, median of {a.rounds} interleaved rounds | tok/s | detail |", "|---|---|---|"]
