@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from .._fs import read_bounded
-from ..errors import LlamaforgeError, ModelFormatError, StoreError
+from ..errors import StoreError
+from ..store.inspect import inspect_model
 
 
 # ------------------------------------------------------------------------------------------------------ formatting
@@ -43,72 +43,6 @@ def human_age(t: float, now: float | None = None) -> str:
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-# ------------------------------------------------------------------------------------------------------ inspection
-def inspect_model(path: Path) -> dict:
-    """Architecture facts of a model file/directory without loading (GGUF: header only, no dequantization)."""
-    from ..formats.sniff import detect_format
-    fmt, path = detect_format(path)
-    if fmt == "gguf":
-        from ..formats.gguf import file_type_name, read_gguf
-        gf = read_gguf(path)
-        try:
-            meta = gf.metadata
-            arch = meta.get("general.architecture")
-            params = sum(t.numel for n, t in gf.tensors.items() if n != "rope_freqs.weight")
-            return {"format": "gguf", "architecture": arch, "parameters": params,
-                    "quantization": file_type_name(gf),
-                    "context_length": meta.get(f"{arch}.context_length"),
-                    "embedding_length": meta.get(f"{arch}.embedding_length"),
-                    "layers": meta.get(f"{arch}.block_count"),
-                    "vocab_size": gf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gf.tensors
-                    else None,
-                    "template": meta.get("tokenizer.chat_template"), "license": meta.get("general.license"),
-                    "model_name": meta.get("general.name")}
-        finally:
-            gf.close()
-    return _inspect_hf(path) if fmt == "hf" else _inspect_meta(path)
-
-
-def _read_json(p: Path) -> dict:
-    try:
-        d = json.loads(read_bounded(p, 16 << 20, p.name))   # a config file, not weights
-    except (LlamaforgeError, UnicodeDecodeError, ValueError) as e:
-        raise ModelFormatError(p, f"unreadable JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ModelFormatError(p, "not a JSON object")
-    return d
-
-
-def _inspect_hf(path: Path) -> dict:
-    from ..config import ModelConfig
-    from ..formats import safetensors as st
-    cfg = _read_json(path / "config.json")
-    config = ModelConfig.from_hf_config(cfg, path=path / "config.json")
-    params, dtypes = 0, {}
-    for f in sorted(path.glob("*.safetensors")):
-        for _, (dtype, shape) in st.validate_safetensors(f).items():
-            n = 1
-            for d in shape:
-                n *= d
-            params += n
-            dtypes[dtype] = dtypes.get(dtype, 0) + n
-    quant = max(dtypes, key=dtypes.get) if dtypes else str(cfg.get("torch_dtype") or "unknown").upper()
-    return {"format": "hf", "architecture": "llama", "parameters": params or config.num_parameters,
-            "quantization": {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(quant, quant),
-            "context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
-            "layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
-            "template": st.dir_chat_template(path), "license": st.model_card_license(path),
-            "model_name": cfg.get("_name_or_path")}
-
-
-def _inspect_meta(path: Path) -> dict:
-    params = _read_json(path / "params.json")
-    return {"format": "meta", "architecture": "llama", "parameters": None, "quantization": "BF16",
-            "context_length": params.get("max_seq_len"), "embedding_length": params.get("dim"),
-            "layers": params.get("n_layers"), "vocab_size": params.get("vocab_size"), "template": None,
-            "license": None, "model_name": None}
 
 
 # ------------------------------------------------------------------------------------------------------ commands

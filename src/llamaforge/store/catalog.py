@@ -20,7 +20,7 @@ from .manifests import (DEFAULT_KEYS, SCHEMA_VERSION, ModelEntry, Resolved, chec
                         manifest_trees, now)
 from .names import DEFAULT_NAMESPACE, DEFAULT_TAG, ModelName, default_name_for, looks_like_model_path, parse_name, \
     split_name
-from .options import validate_options, validate_template
+from .options import check_license, check_messages, validate_options, validate_template
 from .sources import BUILTINS, builtin_path, check_adapter, import_adapter, import_source
 
 
@@ -167,6 +167,10 @@ class Store(BlobStore):
         d["system"] = src.get("system")
         d["options"] = dict(src.get("options") or {})
         d["template"] = src.get("template")
+        if src.get("messages"):
+            d["messages"] = [{"role": m["role"], "content": m["content"]} for m in src["messages"]]
+        if src.get("license"):
+            d["license"] = src["license"]
         if src.get("adapter"):
             d["adapter"] = str(self.tree(src["adapter"].get("files", []), name))
         return d
@@ -208,17 +212,23 @@ class Store(BlobStore):
         return pull_hf(self, repo_id, name, revision=revision, progress=progress)
 
     def create(self, name: str, from_model: str, *, system: str | None = None, options: dict | None = None,
-               template: str | None = None, adapter: str | Path | None = None, from_name_only: bool = False) -> str:
-        """A new model sharing another's weights, with its own system prompt / parameters / template / adapter.
+               template: str | None = None, adapter: str | Path | None = None, from_name_only: bool = False,
+               messages: list[dict] | None = None, license: str | list[str] | None = None) -> str:
+        """A new model sharing another's weights, with its own system prompt / parameters / template / adapter /
+        few-shot messages / license (what a Modelfile's SYSTEM, PARAMETER, TEMPLATE, ADAPTER, MESSAGE and
+        LICENSE set).
 
         `from_model` is a store name (its defaults are inherited and overridden) or a model file/directory
         (copied in); with `from_name_only` (requests over HTTP) it is a store name and the disk is never probed
-        for a file of that name. Options are validated against the engine's SamplingParams.
+        for a file of that name. Options are validated against the engine's SamplingParams. `messages` replace
+        the base's few-shot turns; `license` texts (several allowed) replace its license.
         """
         n = parse_name(name)
         opts = validate_options(options or {})
         if template is not None:
             validate_template(template)
+        messages = check_messages(messages) if messages is not None else None
+        license = check_license(license) if license is not None else None
         if adapter is not None:
             adapter = Path(adapter).expanduser()
             check_adapter(adapter)   # before anything is copied in
@@ -230,6 +240,10 @@ class Store(BlobStore):
             defaults["system"] = system
         if template is not None:
             defaults["template"] = template
+        if messages is not None:
+            defaults["messages"] = messages
+        if license is not None:
+            defaults["license"] = license
         if adapter is not None:
             defaults["adapter"] = {"files": import_adapter(self, adapter)}
         man = {k: v for k, v in base.items() if k in ("format", "weights", "files", "external")}
