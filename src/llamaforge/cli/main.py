@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show": ("store_cmds", "show a model's architecture, quantization, template, license, path"),
     "rm": ("store_cmds", "remove a model from the store"),
     "pull": ("store_cmds", "add a model from a local file/directory or a Hugging Face repo id"),
-    "create": ("store_cmds", "create a model from another with a system prompt / parameters / adapter"),
+    "create": ("store_cmds", "create a model from a Modelfile (-f) or another model: system, parameters, adapter..."),
     "cp": ("store_cmds", "copy a model under a new name"),
     "convert": ("convert", "convert a model to a Hugging Face directory or GGUF"),
     "tokenize": ("tokenize", "print the token ids of a text"),

@@ -60,9 +60,16 @@ def cmd_show(args, store) -> int:
     info = inspect_model(ref.path)
     d = ref.defaults or {}
     out = {"name": ref.name, "path": str(ref.path), **info,
-           "system": d.get("system"), "options": d.get("options") or {}, "adapter": d.get("adapter")}
+           "system": d.get("system"), "options": d.get("options") or {}, "adapter": d.get("adapter"),
+           "messages": d.get("messages") or []}
     if d.get("template"):
         out["template"] = d["template"]   # the manifest's template replaces the model's own
+    if d.get("license"):
+        out["license"] = d["license"]     # and so does its license
+    if args.modelfile:
+        from ..store.modelfile import render_modelfile
+        print(render_modelfile(ref.name or str(ref.path), d), end="")
+        return 0
     if ref.manifest is not None:
         from ..store import manifest_id
         out["id"] = manifest_id(ref.manifest)
@@ -123,6 +130,7 @@ def cmd_pull(args, store) -> int:
 
 def cmd_create(args, store) -> int:
     from ..store import params_to_options
+    from ..store.modelfile import Modelfile, create_from_modelfile, read_modelfile
     template = None
     if args.template:
         p = Path(args.template).expanduser()
@@ -134,8 +142,28 @@ def cmd_create(args, store) -> int:
             template = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise StoreError(f"template {p} is not UTF-8 text") from None
-    name = store.create(args.name, args.from_model, system=args.system, options=params_to_options(args.param),
-                        template=template, adapter=args.adapter)
+    modelfile = args.file
+    if modelfile is None and args.from_model is None:
+        if not Path("Modelfile").is_file():
+            raise StoreError("give the base model with --from MODEL, or a Modelfile with -f FILE "
+                             "(default: ./Modelfile, which does not exist here)")
+        modelfile = "Modelfile"
+    if modelfile is not None:
+        mf = read_modelfile(modelfile)
+        base_dir = Path(modelfile).expanduser().resolve().parent
+    else:
+        mf, base_dir = Modelfile(from_=args.from_model), Path.cwd()
+    # Flags given beside a Modelfile override what it says.
+    if args.from_model is not None:
+        mf.from_ = args.from_model
+    if args.system is not None:
+        mf.system = args.system
+    if template is not None:
+        mf.template = template
+    if args.adapter is not None:
+        mf.adapter = str(Path(args.adapter).expanduser().resolve())
+    mf.parameters = {**mf.parameters, **params_to_options(args.param)}
+    name = create_from_modelfile(store, args.name, mf, base_dir)
     print(f"created '{name}'")
     return 0
 
@@ -159,6 +187,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--system", action="store_true", help="print only the system prompt")
         g.add_argument("--license", action="store_true", help="print only the license")
         g.add_argument("--parameters", action="store_true", help="print only the generation defaults")
+        g.add_argument("--modelfile", action="store_true", help="print a Modelfile that recreates the model")
     elif command == "rm":
         p.description = "Remove models from the store (blobs no other model uses are deleted)."
         p.add_argument("models", nargs="+", metavar="MODEL")
@@ -170,10 +199,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--digest", help="expected sha256 of a single file (sha256:<hex>); checked after copying")
         p.add_argument("--revision", help="Hugging Face branch, tag or commit")
     elif command == "create":
-        p.description = "Create a model from another with its own system prompt, parameters, template, adapter."
+        p.description = ("Create a model from another with its own system prompt, parameters, template, adapter, "
+                         "few-shot messages and license: from an Ollama Modelfile (-f; FROM, PARAMETER, TEMPLATE "
+                         "(Jinja), SYSTEM, ADAPTER, MESSAGE, LICENSE) and/or the options below, which override it.")
         p.add_argument("name")
-        p.add_argument("--from", dest="from_model", required=True, metavar="MODEL",
-                       help="store name or model path to build on")
+        p.add_argument("-f", "--file", metavar="MODELFILE",
+                       help="Modelfile to read (default: ./Modelfile when --from is not given)")
+        p.add_argument("--from", dest="from_model", metavar="MODEL", help="store name or model path to build on")
         p.add_argument("--system", help="system prompt")
         p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                        help="generation default, e.g. temperature=0.2 (repeat for several; stop may repeat)")
