@@ -14,7 +14,7 @@ from pathlib import Path
 from .._fs import atomic_write_bytes, fsync_dir
 from ..errors import ModelNotFoundError, StoreError
 from .blobs import TEMP_RE, BlobStore, io_errors, tree_id
-from .hub import hf_repo_id, pull_hf
+from .hub import hf_repo_id, ollama_library_message, pull_hf
 from .manifests import (DEFAULT_KEYS, SCHEMA_VERSION, ModelEntry, Resolved, check_digest, check_relpath,
                         empty_defaults, manifest_files, manifest_id, manifest_problem, manifest_size,
                         manifest_trees, now)
@@ -70,6 +70,14 @@ class Store(BlobStore):
         if man is None:
             raise ModelNotFoundError(name, self.close_matches(name))
         return man
+
+    def present(self, name: str) -> str | None:
+        """The full name of a model already in the store (or built in), or None; `name` is only parsed."""
+        try:
+            n = parse_name(name)
+            return str(n) if (self._read_manifest(n) or self._builtin_manifest(n)) is not None else None
+        except StoreError:
+            return None
 
     def names(self) -> list[str]:
         """All model names, store manifests and available built-ins, sorted."""
@@ -199,6 +207,12 @@ class Store(BlobStore):
             repo = hf_repo_id(str(source))
             if repo:
                 return self.pull_hf(repo, name, revision=revision, progress=progress)
+            library = ollama_library_message(str(source))
+            if library:
+                existing = self.present(str(source))
+                if existing and name is None:
+                    return existing   # as `ollama pull` of a model already here: nothing to do
+                raise StoreError(library)
             raise StoreError(f"cannot pull {source!r}: no such file or directory (and not a Hugging Face repo id "
                              "like owner/name)")
         n = n or parse_name(default_name_for(src.resolve()))
