@@ -54,8 +54,8 @@ def _store_ref(store, name: str):
     """The store's `Resolved` for a model name, or None when it is not one or cannot be read."""
     from ..store import parse_name
     try:
-        parse_name(name)   # a name, never a path: nothing is probed for a file of that name
-        return store.resolve(name)
+        # A ModelName, never the string: `resolve("x.gguf")` would look for a file of that name (an oracle).
+        return store.resolve(parse_name(name))
     except (StoreError, OSError):
         return None
 
