@@ -20,7 +20,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 
 from ..errors import LlamaforgeError, StoreError
-from .common import StreamingEvents, dumps, json_response, read_json
+from .common import ClientGone, StreamingEvents, dumps, json_response, read_json, until_disconnect
 from .schemas import ApiError, OllamaPullRequest, bad_request
 
 router = APIRouter()
@@ -165,10 +165,17 @@ async def pull(request: Request):
                 yield dumps(line) + b"\n"
             await task
         return StreamingEvents(lines(), "application/x-ndjson", lambda: gone.update(flag=True))
-    last = None
-    while (line := await queue.get()) is not None:
-        last = line
-    await task
+    async def drain():
+        last = None
+        while (line := await queue.get()) is not None:
+            last = line
+        await task
+        return last
+
+    try:   # a client that goes away stops the copy (its partial blob is removed)
+        last = await until_disconnect(request, drain(), lambda: gone.update(flag=True))
+    except ClientGone:
+        return json_response({}, 499)
     if last is not None and "error" in last:
         raise ApiError(400, last["error"])
     return json_response({"status": "success"})
