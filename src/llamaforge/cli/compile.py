@@ -124,8 +124,6 @@ def _build_step(a) -> int:
     finally:
         if a.lock:
             Path(a.lock).unlink(missing_ok=True)
-        if out is not None:
-            out.with_suffix(".build.json").unlink(missing_ok=True)
 
 
 def _idle_priority() -> None:

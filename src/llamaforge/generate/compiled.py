@@ -9,7 +9,6 @@ once it lands.
 
     lm = llamaforge.load(path)             # attaches lm.compiled when an artifact is cached, else builds one
     logits = decode_one(lm, token_id, cache, pos)   # compiled when possible, else the eager model
-    builds()                               # the background builds running now (what `llamaforge ps` lists)
 
 Starting a background build says so in one line on stderr (it costs CPU while it runs, ~1 GB of memory).
 """
@@ -156,7 +155,7 @@ def _prune(folder: Path, keep: Path, max_files: int = KEEP_ARTIFACTS) -> None:
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for old in [p for p in found if p != keep][max_files - 1:]:
         for f in (old, aot.batch_path(old), old.with_suffix(".log"), old.with_suffix(".lock"),
-                  old.with_suffix(".failed"), _build_info_path(old)):
+                  old.with_suffix(".failed")):
             f.unlink(missing_ok=True)
 
 
@@ -171,35 +170,6 @@ def _failed_recently(path: Path) -> bool:
         return time.time() - failed_marker(path).stat().st_mtime < _RETRY_FAILED_S
     except FileNotFoundError:
         return False
-
-
-def _build_info_path(path: Path) -> Path:
-    return path.with_suffix(".build.json")
-
-
-def builds() -> list[dict]:
-    """The compiled-step builds running now in this store: {artifact, pid, model, quant, threads, started (epoch
-    seconds), log}, oldest first. A build whose process is gone (killed, crashed) is not listed."""
-    folder = home() / "compiled"
-    out = []
-    for lock in sorted(folder.glob("decode-*.lock")) if folder.is_dir() else []:
-        try:
-            pid = int(lock.read_text() or 0)
-            started = lock.stat().st_mtime
-        except (OSError, ValueError):
-            continue
-        if pid <= 0 or not pid_alive(pid) or time.time() - started > _LOCK_STALE_S:
-            continue
-        artifact = lock.with_suffix(".pt2")
-        info = {"artifact": str(artifact), "pid": pid, "model": None, "quant": None, "threads": None,
-                "started": started, "log": str(artifact.with_suffix(".log"))}
-        try:
-            extra = json.loads(_build_info_path(artifact).read_text(encoding="utf-8"))
-            info.update({k: extra.get(k) for k in ("model", "quant", "threads")})
-        except (OSError, ValueError, AttributeError):
-            pass
-        out.append(info)
-    return sorted(out, key=lambda b: b["started"])
 
 
 def _display_name(lm) -> str:
@@ -239,9 +209,46 @@ def _start_background_build(lm, path: Path) -> None:
     log.close()
     os.write(fd, str(proc.pid).encode())
     os.close(fd)
-    try:
-        _build_info_path(path).write_text(json.dumps({"model": _display_name(lm), "quant": quant,
-                                                      "threads": threads, "pid": proc.pid}), encoding="utf-8")
-    except OSError:
-        pass  # only `builds()` reads it, and it copes without
     _announce(lm, proc.pid, threads)
+
+
+# --------------------------------------------------------------------------------------------- listing
+def _build_cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return []
+
+
+def builds(root: Path | None = None) -> list[dict]:
+    """Background builds of compiled steps in this store, read from their lock and marker files (for
+    `llamaforge ps`): running ones ({"state": "building", "pid", "started", "model", "threads", "artifact"})
+    and ones that failed within the last day ({"state": "failed", "reason", ...}), newest first."""
+    folder = Path(root) if root is not None else home() / "compiled"
+    out = []
+    if not folder.is_dir():
+        return out
+    for lock in folder.glob("decode-*.lock"):
+        try:
+            st = lock.stat()
+            pid = int(lock.read_text() or 0)
+        except (OSError, ValueError):
+            continue   # being written, or gone since the listing
+        if pid <= 0 or not pid_alive(pid) or time.time() - st.st_mtime >= _LOCK_STALE_S:
+            continue   # stale: the next build attempt removes it
+        argv = _build_cmdline(pid)
+        opt = {k: argv[i + 1] for i, k in enumerate(argv[:-1]) if k in ("--build-step", "--threads", "--quant")}
+        out.append({"state": "building", "pid": pid, "started": st.st_mtime, "artifact": str(lock.with_suffix(".pt2")),
+                    "model": opt.get("--build-step"), "threads": opt.get("--threads"), "quant": opt.get("--quant")})
+    for marker in folder.glob("decode-*.failed"):
+        try:
+            st = marker.stat()
+            reason = marker.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            continue
+        if time.time() - st.st_mtime < _RETRY_FAILED_S:
+            out.append({"state": "failed", "started": st.st_mtime, "artifact": str(marker.with_suffix(".pt2")),
+                        "reason": (reason[0] if reason else "unknown")[:200], "pid": None, "model": None,
+                        "threads": None, "quant": None})
+    out.sort(key=lambda b: -b["started"])
+    return out
