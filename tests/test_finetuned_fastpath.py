@@ -117,3 +117,48 @@ def test_created_adapter_model_is_packed_and_close_to_the_float32_merge(smollm2_
     assert compiled.signature(lm.model, lm.model.kv_dtype) == compiled.signature(base.model, base.model.kv_dtype)
     got = _logits(lm, ids)
     assert abs(_ppl(got, ids) / _ppl(ref, ids) - 1) < 0.01, (_ppl(got, ids), _ppl(ref, ids))
+
+
+@pytest.mark.parametrize("gguf_type", ["q4_0", "q8_0"])
+def test_finetune_merge_to_a_quantized_gguf(tmp_path, gguf_type):
+    """`finetune merge --to gguf --type q4_0|q8_0`: llama.cpp's block types (read back by our GGUF reader, whose
+    dequantization is checked against llama.cpp's in tests/test_formats_gguf_reader.py), close to the float32
+    merge; the embedding table and the head stay Q8_0 in a 4-bit file."""
+    from gguf import GGUFReader
+
+    from conftest import make_tiny_hf
+    from llamaforge.cli import finetune
+    hf = make_tiny_hf("llama31", seed=2)
+    hf.save_pretrained(tmp_path / "base")
+    dense = llamaforge.load(str(tmp_path / "base"), dtype="float32")
+    adapter = _write_adapter(tmp_path / "adapter", dense.model, rel=0.2)
+    out = tmp_path / "merged.gguf"
+    assert finetune.main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(adapter), "--out", str(out),
+                          "--type", gguf_type]) == 0
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_down.weight"] == gguf_type.upper()
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    base_w = {k: v.clone() for k, v in dense.model.state_dict().items()}
+    merged = dense.apply_adapter(adapter).model.state_dict()            # the float32 merged model
+    back = llamaforge.load(str(out), dtype="float32").model.state_dict()
+    name = "model.layers.1.mlp.down_proj.weight"
+    err = float((back[name] - merged[name]).norm() / merged[name].norm())
+    assert err < (0.12 if gguf_type == "q4_0" else 0.01), err           # 4-bit / 8-bit rounding of the merge
+    assert err < 0.5 * float((base_w[name] - merged[name]).norm() / merged[name].norm())   # the adapter is in
+
+
+@pytest.mark.peer
+def test_merged_q4_0_gguf_loads_in_llama_cpp(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from conftest import make_tiny_hf
+    from llamaforge.cli import finetune
+    make_tiny_hf("llama31", seed=2).save_pretrained(tmp_path / "base")
+    adapter = _write_adapter(tmp_path / "adapter", llamaforge.load(str(tmp_path / "base"), dtype="float32").model)
+    out = tmp_path / "merged.gguf"
+    assert finetune.main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(adapter), "--out", str(out),
+                          "--type", "q4_0"]) == 0
+    llm = llama_cpp.Llama(str(out), n_ctx=64, verbose=False, vocab_only=False)
+    llm.eval(list(range(3, 20)))
+    want = _logits(llamaforge.load(str(out), dtype="float32"), list(range(3, 20)))[-1]
+    got = torch.tensor(llm.scores[llm.n_tokens - 1])
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.99

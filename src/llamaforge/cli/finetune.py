@@ -112,7 +112,9 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="PEFT adapter directory")
     p.add_argument("--out", required=True, help="output: HF directory, or a .gguf file")
     p.add_argument("--to", choices=["hf", "gguf"], help="output format (default: gguf if --out ends in .gguf)")
-    p.add_argument("--gguf-type", choices=["f16", "f32", "q8_0"], default="f16")
+    p.add_argument("--gguf-type", "--type", dest="gguf_type", choices=["f16", "f32", "q8_0", "q4_0", "q4_1"],
+                   default="f16", help="GGUF weight type (default f16); q4_0/q4_1/q8_0 run in llama.cpp and "
+                                       "Ollama as they are")
     add_threads_flag(p)
     return p
 
