@@ -1,4 +1,4 @@
-"""`llamaforge convert MODEL --to hf|gguf --out PATH [--type f32|f16|bf16|q8_0] [--force]`.
+"""`llamaforge convert MODEL --to hf|gguf --out PATH [--type f32|f16|bf16|q8_0|q4_0|q4_1] [--force]`.
 
 The conversion itself is `llamaforge.formats.convert` (shared with `finetune merge`); this module resolves a store
 name to its files and reports.
