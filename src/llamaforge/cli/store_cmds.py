@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .._fs import read_bounded
+from .._fs import read_bounded, loads_json
 from ..errors import LlamaforgeError, ModelFormatError, StoreError
 
 
@@ -73,7 +73,7 @@ def inspect_model(path: Path) -> dict:
 
 def _read_json(p: Path) -> dict:
     try:
-        d = json.loads(read_bounded(p, 16 << 20, p.name))   # a config file, not weights
+        d = loads_json(read_bounded(p, 16 << 20, p.name))   # a config file, not weights
     except (LlamaforgeError, UnicodeDecodeError, ValueError) as e:
         raise ModelFormatError(p, f"unreadable JSON: {e}") from None
     if not isinstance(d, dict):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequestError, ModelFormatError
 from .sniff import detect_format
+from .._fs import loads_json
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                       "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -125,7 +126,7 @@ def hf_tokenizer_to_gguf(src: Path, vocab_size: int | None = None) -> tuple[dict
     from gguf.vocab import SpecialVocab
     tj = src / "tokenizer.json"
     if tj.is_file():
-        data = json.loads(tj.read_text(encoding="utf-8"))
+        data = loads_json(tj.read_text(encoding="utf-8"))
         model = data.get("model") or {}
         if model.get("type") != "BPE":
             if (src / "tokenizer.model").is_file():
@@ -183,7 +184,7 @@ def hf_tokenizer_to_gguf(src: Path, vocab_size: int | None = None) -> tuple[dict
 def _special_name(src: Path, key: str) -> str | None:
     """Text of a special token named in tokenizer_config.json (e.g. unk_token), if any."""
     try:
-        name = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8")).get(key)
+        name = loads_json((src / "tokenizer_config.json").read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     name = name.get("content") if isinstance(name, dict) else name

@@ -11,7 +11,7 @@ import difflib
 import json
 from pathlib import Path
 
-from .._fs import atomic_write_bytes, fsync_dir
+from .._fs import atomic_write_bytes, fsync_dir, loads_json
 from ..errors import ModelNotFoundError, StoreError
 from .blobs import TEMP_RE, BlobStore, io_errors, tree_id
 from .hub import hf_repo_id, pull_hf
@@ -40,7 +40,7 @@ class Store(BlobStore):
         except OSError as e:
             raise StoreError(f"cannot read manifest of {n}: {e.strerror or e}") from None
         try:
-            man = json.loads(raw)
+            man = loads_json(raw)
         except (ValueError, UnicodeDecodeError):
             raise StoreError(f"manifest of {n} is corrupt (not JSON); remove it with `llamaforge rm {n}`") from None
         if not isinstance(man, dict) or man.get("schema_version") != SCHEMA_VERSION:

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import TokenizerError
 from .bytelevel import piece_to_bytes
 from .common import FragmentTokenizer
+from .._fs import loads_json
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 MAX_JSON_BYTES = 256 << 20
@@ -27,7 +28,7 @@ def _read_json(path: Path, required: bool = True) -> dict | None:
     if path.stat().st_size > MAX_JSON_BYTES:
         raise TokenizerError(f"{path}: file too large for a tokenizer ({path.stat().st_size} bytes)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = loads_json(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
