@@ -130,3 +130,32 @@ def test_dev_zero_as_stdin_prompt_is_refused(smollm2_gguf):
                            stdin=zero, capture_output=True, timeout=120, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "limit" in r.stderr or "larger" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- other files
+def _zero(tmp_path, name):
+    p = tmp_path / name
+    os.symlink("/dev/zero", p)
+    return p
+
+
+def test_dev_zero_as_training_config(tmp_path):
+    from llamaforge.train.config import TrainConfig
+    with Bounded(cpu_s=3.0, mib=16), pytest.raises(LlamaforgeError, match="larger than the limit"):
+        TrainConfig.from_file(_zero(tmp_path, "c.yaml"))
+
+
+@pytest.mark.parametrize("which", ["tokenizer.json", "tokenizer.model"])
+def test_dev_zero_as_tokenizer_file(tmp_path, which):
+    from llamaforge.errors import TokenizerError
+    from llamaforge.tokenizer.hf import HFTokenizer
+    from llamaforge.tokenizer.tiktoken import TiktokenTokenizer
+    p = _zero(tmp_path, which)
+    with Bounded(cpu_s=5.0, mib=300), pytest.raises(TokenizerError, match="larger than the limit"):
+        HFTokenizer.from_file(p) if which == "tokenizer.json" else TiktokenTokenizer.from_file(p)
+
+
+def test_dev_zero_as_create_template(tmp_path, capsys):
+    from llamaforge.cli.main import main
+    rc = main(["create", "x", "--from", "smollm2", "--template", str(_zero(tmp_path, "t.jinja"))])
+    assert rc != 0 and "larger than the limit" in capsys.readouterr().err

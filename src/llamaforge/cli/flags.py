@@ -98,7 +98,6 @@ def constraint_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
         if name == "grammar":
             syntax = args.grammar_syntax or ("gbnf" if str(path).lower().endswith(".gbnf") else "lark")
             return {"grammar": text, "grammar_syntax": syntax}, None
-        import json
         try:
             return {"json_schema": loads_json(text)}, None
         except (ValueError, RecursionError) as e:

@@ -13,6 +13,8 @@ from pathlib import Path
 from .._fs import read_bounded, loads_json
 from ..errors import LlamaforgeError, ModelFormatError, StoreError
 
+MAX_TEMPLATE_FILE = 1 << 20   # a chat template (the template sandbox refuses longer sources anyway)
+
 
 # ------------------------------------------------------------------------------------------------------ formatting
 def human_size(n: int) -> str:
@@ -193,7 +195,7 @@ def cmd_create(args, store) -> int:
     if args.template:
         p = Path(args.template).expanduser()
         try:
-            raw = p.read_bytes()
+            raw = read_bounded(p, MAX_TEMPLATE_FILE, "template")
         except OSError as e:
             raise StoreError(f"cannot read template {p}: {e.strerror or e}") from None
         try:
