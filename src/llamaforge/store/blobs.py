@@ -249,12 +249,16 @@ class BlobStore:
             for b in self.blobs.glob("sha256-*"):
                 if b.name[7:] not in digests:
                     with contextlib.suppress(OSError):
-                        freed += b.stat().st_size
-                        b.unlink()
+                        freed += b.lstat().st_size   # a planted link: its own size, never its target's
+                        b.unlink()                   # unlinks a link itself, never what it points to
         if self.trees.is_dir():
             for t in self.trees.iterdir():
                 if re.fullmatch(r"[0-9a-f]{64}", t.name) and t.name not in trees:
-                    shutil.rmtree(t, ignore_errors=True)
+                    if t.is_symlink():   # rmtree refuses links; remove the link, never the directory it names
+                        with contextlib.suppress(OSError):
+                            t.unlink()
+                    else:
+                        shutil.rmtree(t, ignore_errors=True)   # does not follow links inside the tree
         return freed
 
     def verify_blob(self, digest: str, owner: str) -> None:
