@@ -69,3 +69,28 @@ def test_a_file_named_like_a_store_model_does_not_shadow_it(store, tmp_path, mon
     assert "./good" in caplog.text                      # says which was used, and how to get the other
     assert store.resolve("./good").path.resolve() == (tmp_path / "good").resolve()
     assert store.resolve("m.gguf").name is None         # not a store model: the file, as before
+
+
+@pytest.mark.parametrize("to", ["gguf", "hf"])
+def test_convert_on_a_full_disk_is_one_line_and_keeps_the_old_output(tmp_path, monkeypatch, capsys, to):
+    import errno
+
+    import gguf
+    import safetensors.torch
+    from llamaforge.cli.main import main
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    src = write_llama_gguf(tmp_path / "m.gguf")
+    out = tmp_path / ("out.gguf" if to == "gguf" else "out_hf")
+    assert main(["convert", str(src), "--to", to, "--out", str(out), "--type", "f32"]) == 0
+    before = sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir()))
+    capsys.readouterr()
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    rc = main(["convert", str(src), "--to", to, "--out", str(out), "--type", "f32", "--force"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "no space left on device" in err and "Traceback" not in err
+    after = sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir()))
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temporary leftovers

@@ -189,3 +189,24 @@ def read_stdin(limit: int = MAX_STDIN_BYTES, *, text: bool = True):
     import sys
     data = read_bounded(sys.stdin.buffer, limit, "standard input")
     return data.decode("utf-8", errors="replace") if text else data
+
+
+class OutputError(LlamaforgeError):
+    """Writing a result failed (disk full, quota, permissions); nothing partial was left in its place."""
+
+
+@contextlib.contextmanager
+def io_errors(what: str, error: type = OutputError):
+    """Turn an OSError into one line naming `what` (ENOSPC and EDQUOT spelled out) as `error(message)`.
+    The one mechanism for every writer: the store, convert, checkpoints."""
+    import errno
+    try:
+        yield
+    except LlamaforgeError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise error(f"{what}: no space left on device") from None
+        if e.errno == errno.EDQUOT:
+            raise error(f"{what}: disk quota exceeded") from None
+        raise error(f"{what}: {e.strerror or e}") from None

@@ -10,7 +10,6 @@ opened (those of writers still alive are left alone).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import re
@@ -20,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .._fs import fsync_dir, temp_path, write_all
-from ..errors import LlamaforgeError, StoreError
+from .._fs import fsync_dir, io_errors as _io_errors, temp_path, write_all
+from ..errors import StoreError
 from .manifests import canonical, check_digest, check_relpath
 
 CHUNK = 1 << 20
@@ -39,17 +38,9 @@ def home() -> Path:
 # ------------------------------------------------------------------------------------------------------ io helpers
 @contextlib.contextmanager
 def io_errors(what: str):
-    """Turn OSError into a one-line StoreError (ENOSPC spelled out)."""
-    try:
+    """Turn OSError into a one-line StoreError (ENOSPC spelled out): `_fs.io_errors` with the store's error."""
+    with _io_errors(what, StoreError):
         yield
-    except LlamaforgeError:
-        raise
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise StoreError(f"{what}: no space left on device") from None
-        if e.errno == errno.EDQUOT:
-            raise StoreError(f"{what}: disk quota exceeded") from None
-        raise StoreError(f"{what}: {e.strerror or e}") from None
 
 
 def pid_alive(pid: int) -> bool:
