@@ -85,7 +85,7 @@ def _gguf(path: Path, complete: bool) -> Sniffed:
 def _validated(found: Sniffed) -> Sniffed:
     """A complete model must also load: its architecture numbers checked against its tensor table (no weights
     read). A GGUF that passes the header checks but could never load is a problem, not a model."""
-    from .architecture import validate_architecture
+    from .validate import validate_architecture
     try:
         validate_architecture(found.format, found.weights)
     except ModelFormatError as e:
