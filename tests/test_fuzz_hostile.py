@@ -6,7 +6,6 @@ are generated, so they cover combinations no hand-written test lists."""
 from __future__ import annotations
 
 import json
-import math
 import random
 import struct
 import time

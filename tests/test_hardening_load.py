@@ -4,7 +4,6 @@ CPU time and memory, through `load_model`, `pull` and the server (a 4xx, and the
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
