@@ -83,7 +83,7 @@ def test_empty_and_all_bad_files(tmp_path):
         load_dataset(tmp_path / "b.jsonl", FMT, skip_bad=True)
     with pytest.raises(DatasetError, match="cannot read"):
         load_dataset(tmp_path / "missing.jsonl", FMT)
-    (tmp_path / "u.jsonl").write_bytes(b'{"a": 1}\n\xff\xfe\n')
+    (tmp_path / "u.jsonl").write_bytes(b'{"prompt": "a", "completion": "b"}\n\xff\xfe\n')
     with pytest.raises(DatasetError, match=r"u\.jsonl:2: not valid UTF-8"):
         load_dataset(tmp_path / "u.jsonl", FMT)
 

@@ -167,3 +167,46 @@ def _size(n: int) -> str:
         if n >= div:
             return f"{n / div:g} {unit}"
     return f"{n} bytes"
+
+
+def loads_json(data):
+    """`json.loads` for text from outside (files, request strings, model output): nesting deep enough to exhaust
+    the parser's recursion is a `json.JSONDecodeError` like any other malformed JSON, never a RecursionError."""
+    import json
+    try:
+        return json.loads(data)
+    except RecursionError:
+        doc = data if isinstance(data, str) else ""
+        raise json.JSONDecodeError("nested too deeply", doc, 0) from None
+
+
+MAX_STDIN_BYTES = 64 << 20   # a prompt or question piped in: far beyond any context window
+
+
+def read_stdin(limit: int = MAX_STDIN_BYTES, *, text: bool = True):
+    """Standard input, at most `limit` bytes (InputTooLargeError beyond: `< /dev/zero` must not fill memory).
+    Text is UTF-8 with invalid bytes replaced (U+FFFD), as a prompt should be; `text=False` gives the bytes."""
+    import sys
+    data = read_bounded(sys.stdin.buffer, limit, "standard input")
+    return data.decode("utf-8", errors="replace") if text else data
+
+
+class OutputError(LlamaforgeError):
+    """Writing a result failed (disk full, quota, permissions); nothing partial was left in its place."""
+
+
+@contextlib.contextmanager
+def io_errors(what: str, error: type = OutputError):
+    """Turn an OSError into one line naming `what` (ENOSPC and EDQUOT spelled out) as `error(message)`.
+    The one mechanism for every writer: the store, convert, checkpoints."""
+    import errno
+    try:
+        yield
+    except LlamaforgeError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise error(f"{what}: no space left on device") from None
+        if e.errno == errno.EDQUOT:
+            raise error(f"{what}: disk quota exceeded") from None
+        raise error(f"{what}: {e.strerror or e}") from None

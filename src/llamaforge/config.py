@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -33,6 +34,11 @@ class RopeScaling:
             raise ConfigError(None, "rope scaling type 'factors' needs freq_factors")
         if not (self.factor > 0 and math.isfinite(self.factor)):
             raise ConfigError(None, f"rope scaling factor must be positive, got {self.factor}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ConfigError(None, f"rope scaling needs high_freq_factor > low_freq_factor > 0, got "
+                                    f"{self.high_freq_factor} and {self.low_freq_factor}")
+        if self.freq_factors is not None and not all(f > 0 and math.isfinite(f) for f in self.freq_factors):
+            raise ConfigError(None, "rope_freqs factors must be positive finite numbers")
 
     def to_hf(self) -> dict | None:
         if self.rope_type == "llama3":
@@ -84,6 +90,10 @@ class ModelConfig:
             raise ConfigError(None, f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(None, f"rope_theta must be positive, got {self.rope_theta}")
+        rs = self.rope_scaling
+        if rs is not None and rs.freq_factors is not None and len(rs.freq_factors) != self.head_dim // 2:
+            raise ConfigError(None, f"rope_freqs has {len(rs.freq_factors)} factors, expected head_dim / 2 = "
+                                    f"{self.head_dim // 2}")
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -94,31 +104,33 @@ class ModelConfig:
         if missing:
             raise ConfigError(path, f"config.json is missing required keys: {', '.join(missing)}")
         mt = cfg.get("model_type", "llama")
-        if mt not in ("llama", "mistral") and "LlamaForCausalLM" not in (cfg.get("architectures") or []):
-            raise ConfigError(path, f"unsupported model_type {mt!r} (only Llama-architecture models)")
-        heads = _int(cfg, "num_attention_heads", path)
+        archs = cfg.get("architectures") or []
+        if mt not in ("llama", "mistral") and not (isinstance(archs, list) and "LlamaForCausalLM" in archs):
+            raise ConfigError(path, f"unsupported model_type {_show(mt)} (only Llama-architecture models)")
+        heads = _int(cfg, "num_attention_heads", path, hi=MAX_HEADS)
         hidden = _int(cfg, "hidden_size", path)
-        head_dim = cfg.get("head_dim") or (hidden // heads)
+        kv_heads = _int(cfg, "num_key_value_heads", path, default=heads, hi=MAX_HEADS)
+        head_dim = _int(cfg, "head_dim", path, default=hidden // heads)
         rs = cfg.get("rope_scaling") or (cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else None)
-        rope_theta = cfg.get("rope_theta")
-        if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
-            rope_theta = cfg["rope_parameters"].get("rope_theta")
+        theta_src, theta_key = cfg, "rope_theta"
+        if cfg.get("rope_theta") is None and isinstance(cfg.get("rope_parameters"), dict):
+            theta_src, theta_key = cfg["rope_parameters"], "rope_theta"
         try:
             return cls(
-                vocab_size=_int(cfg, "vocab_size", path),
+                vocab_size=_int(cfg, "vocab_size", path, hi=MAX_VOCAB),
                 hidden_size=hidden,
                 intermediate_size=_int(cfg, "intermediate_size", path),
-                num_hidden_layers=_int(cfg, "num_hidden_layers", path),
+                num_hidden_layers=_int(cfg, "num_hidden_layers", path, hi=MAX_LAYERS),
                 num_attention_heads=heads,
-                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(head_dim),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+                num_key_value_heads=kv_heads,
+                head_dim=head_dim,
+                rms_norm_eps=_float(cfg, "rms_norm_eps", path, default=1e-6),
+                rope_theta=_float(theta_src, theta_key, path, default=10000.0),
                 rope_scaling=_rope_scaling_from_hf(rs, path),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", False)),
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                max_position_embeddings=_int(cfg, "max_position_embeddings", path, default=2048, hi=MAX_CONTEXT),
+                tie_word_embeddings=_bool(cfg, "tie_word_embeddings", path),
+                attention_bias=_bool(cfg, "attention_bias", path),
+                mlp_bias=_bool(cfg, "mlp_bias", path),
             )
         except ConfigError as e:
             raise ConfigError(path, e.reason) from None
@@ -137,44 +149,50 @@ class ModelConfig:
         if arch is None:
             raise ConfigError(path, "GGUF metadata has no general.architecture")
         if arch != "llama":
-            raise ConfigError(path, f"unsupported GGUF architecture {arch!r} (only 'llama')")
+            raise ConfigError(path, f"unsupported GGUF architecture {_show(arch)} (only 'llama')")
         p = "llama."
         req = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count")
         missing = [p + k for k in req if p + k not in meta]
         if missing:
             raise ConfigError(path, f"GGUF metadata is missing required keys: {', '.join(missing)}")
-        heads = _int(meta, p + "attention.head_count", path)
+        heads = _int(meta, p + "attention.head_count", path, hi=MAX_HEADS)
         hidden = _int(meta, p + "embedding_length", path)
-        vs = meta.get(p + "vocab_size", vocab_size)
-        if vs is None:
+        if p + "vocab_size" in meta:
+            vs = _int(meta, p + "vocab_size", path, hi=MAX_VOCAB)
+        elif vocab_size is None:
             raise ConfigError(path, "vocabulary size unknown: no llama.vocab_size and no token list")
-        head_dim = meta.get(p + "attention.key_length") or meta.get(p + "rope.dimension_count") or hidden // heads
+        else:
+            vs = vocab_size
+        if meta.get(p + "attention.key_length") is not None:
+            head_dim = _int(meta, p + "attention.key_length", path)
+        else:
+            head_dim = _int(meta, p + "rope.dimension_count", path, default=hidden // heads or 1)
         scaling = None
         stype = meta.get(p + "rope.scaling.type")
         if freq_factors is not None:
             scaling = RopeScaling("factors", freq_factors=tuple(float(x) for x in freq_factors))
         elif stype == "linear":
-            scaling = RopeScaling("linear", factor=float(meta.get(p + "rope.scaling.factor", 1.0)))
+            scaling = RopeScaling("linear", factor=_float(meta, p + "rope.scaling.factor", path, default=1.0))
         elif stype not in (None, "none"):
-            raise ConfigError(path, f"unsupported rope scaling type {stype!r}")
+            raise ConfigError(path, f"unsupported rope scaling type {_show(stype)}")
         try:
             return cls(
-                vocab_size=int(vs),
+                vocab_size=vs,
                 hidden_size=hidden,
                 intermediate_size=_int(meta, p + "feed_forward_length", path),
-                num_hidden_layers=_int(meta, p + "block_count", path),
+                num_hidden_layers=_int(meta, p + "block_count", path, hi=MAX_LAYERS),
                 num_attention_heads=heads,
-                num_key_value_heads=int(meta.get(p + "attention.head_count_kv", heads)),
-                head_dim=int(head_dim),
-                rms_norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-                rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)),
+                num_key_value_heads=_int(meta, p + "attention.head_count_kv", path, default=heads, hi=MAX_HEADS),
+                head_dim=head_dim,
+                rms_norm_eps=_float(meta, p + "attention.layer_norm_rms_epsilon", path, default=1e-5),
+                rope_theta=_float(meta, p + "rope.freq_base", path, default=10000.0),
                 rope_scaling=scaling,
-                max_position_embeddings=_int(meta, p + "context_length", path),
+                max_position_embeddings=_int(meta, p + "context_length", path, hi=MAX_CONTEXT),
                 tie_word_embeddings=False,  # decided by the loader: no output.weight tensor means tied
-                name=str(meta.get("general.basename") or meta.get("general.name") or "llama"),
+                name=str(meta.get("general.basename") or meta.get("general.name") or "llama")[:200],
             )
         except ConfigError as e:
-            raise ConfigError(path, e.reason) from None
+            raise ConfigError(path, _gguf_names(e.reason)) from None
 
     @classmethod
     def from_meta_params(cls, params: Mapping[str, Any], *, vocab_size: int | None = None,
@@ -188,41 +206,48 @@ class ModelConfig:
         if missing:
             raise ConfigError(path, f"params.json is missing required keys: {', '.join(missing)}")
         dim = _int(params, "dim", path)
-        heads = _int(params, "n_heads", path)
+        heads = _int(params, "n_heads", path, hi=MAX_HEADS)
         vs = params.get("vocab_size", -1)
-        if vs is None or int(vs) <= 0:
-            vs = vocab_size
-        if vs is None:
-            raise ConfigError(path, "vocab_size is -1 in params.json and could not be taken from the weights")
-        multiple_of = int(params.get("multiple_of", 256))
+        if vs is None or (isinstance(vs, int) and not isinstance(vs, bool) and vs <= 0):
+            vs = vocab_size  # -1 means "take it from the weights"
+            if vs is None:
+                raise ConfigError(path, "vocab_size is -1 in params.json and could not be taken from the weights")
+        else:
+            vs = _int(params, "vocab_size", path, hi=MAX_VOCAB)
+        multiple_of = _int(params, "multiple_of", path, default=256)
         ffn = int(2 * (4 * dim) / 3)
         if params.get("ffn_dim_multiplier") is not None:
-            ffn = int(float(params["ffn_dim_multiplier"]) * ffn)
+            ffn = int(_float(params, "ffn_dim_multiplier", path) * ffn)
         ffn = multiple_of * ((ffn + multiple_of - 1) // multiple_of)
         scaling = None
         if params.get("use_scaled_rope"):
             scaling = RopeScaling(
                 "llama3",
-                factor=float(params.get("rope_scaling_factor") or 8.0),
-                low_freq_factor=float(params.get("rope_low_freq_factor") or 1.0),
-                high_freq_factor=float(params.get("rope_high_freq_factor") or 4.0),
+                factor=_float(params, "rope_scaling_factor", path, default=8.0),
+                low_freq_factor=_float(params, "rope_low_freq_factor", path, default=1.0),
+                high_freq_factor=_float(params, "rope_high_freq_factor", path, default=4.0),
                 # Meta's code fixes 8192; the optional key lets our own writer round-trip other values.
-                original_max_position_embeddings=int(params.get("rope_original_max_position_embeddings") or 8192),
+                original_max_position_embeddings=_int(params, "rope_original_max_position_embeddings", path,
+                                                      default=8192, hi=MAX_CONTEXT),
             )
-        return cls(
-            vocab_size=int(vs),
-            hidden_size=dim,
-            intermediate_size=int(params.get("hidden_dim") or ffn),
-            num_hidden_layers=_int(params, "n_layers", path),
-            num_attention_heads=heads,
-            num_key_value_heads=int(params.get("n_kv_heads") or heads),
-            head_dim=dim // heads,
-            rms_norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
-            rope_scaling=scaling,
-            max_position_embeddings=int(params.get("max_seq_len", 8192 if scaling else 4096)),
-            tie_word_embeddings=False,
-        )
+        try:
+            return cls(
+                vocab_size=vs,
+                hidden_size=dim,
+                intermediate_size=_int(params, "hidden_dim", path, default=ffn),
+                num_hidden_layers=_int(params, "n_layers", path, hi=MAX_LAYERS),
+                num_attention_heads=heads,
+                num_key_value_heads=_int(params, "n_kv_heads", path, default=heads, hi=MAX_HEADS),
+                head_dim=dim // heads or 1,
+                rms_norm_eps=_float(params, "norm_eps", path, default=1e-5),
+                rope_theta=_float(params, "rope_theta", path, default=10000.0),
+                rope_scaling=scaling,
+                max_position_embeddings=_int(params, "max_seq_len", path, default=8192 if scaling else 4096,
+                                             hi=MAX_CONTEXT),
+                tie_word_embeddings=False,
+            )
+        except ConfigError as e:
+            raise ConfigError(path, e.reason) from None
 
     # ------------------------------------------------------------------ export
     def to_hf_config(self) -> dict:
@@ -261,22 +286,98 @@ class ModelConfig:
         return self.num_hidden_layers * per_layer + emb + h
 
 
-def _int(d: Mapping[str, Any], key: str, path) -> int:
-    v = d.get(key)
+# Sanity ceilings, far above any released Llama-family model (Llama 3.1 405B: 126 layers, 128 heads, 128k
+# context; Llama 4: 10M context). A header past them is crafted or corrupt; the tensors present decide the rest.
+MAX_LAYERS = 4096
+MAX_HEADS = 1 << 14
+MAX_VOCAB = 1 << 23
+MAX_CONTEXT = 1 << 26
+MAX_DIM = 1 << 24
+_REQUIRED = object()
+
+
+def _show(v, limit: int = 60) -> str:
+    """A short repr of a value from a file: a crafted string or array must not flood the error message."""
+    r = repr(v)
+    if isinstance(v, (list, tuple, dict)):
+        r = f"a {type(v).__name__} of {len(v)} items"
+    elif isinstance(v, str):
+        r = f"the string {r}"
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _present(d: Mapping[str, Any], key: str, default, path):
+    v = d.get(key) if isinstance(d, Mapping) else None
+    if v is None:
+        if default is _REQUIRED:
+            raise ConfigError(path, f"{key} is missing")
+        return None
+    return v
+
+
+def _int(d: Mapping[str, Any], key: str, path, *, default=_REQUIRED, lo: int = 1, hi: int = MAX_DIM) -> int:
+    """`d[key]` as an int in [lo, hi]: a bool, string, array or fractional number is a ConfigError naming the key.
+    A missing or null value gives `default` (required when there is none)."""
+    v = _present(d, key, default, path)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(path, f"{key} must be an integer, got {_show(v)}")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ConfigError(path, f"{key} must be an integer, got {_show(v)}")
+        v = int(v)
+    if not lo <= v <= hi:
+        raise ConfigError(path, f"{key} is {_show(v)}, outside the supported range [{lo}, {hi}]")
+    return v
+
+
+def _float(d: Mapping[str, Any], key: str, path, *, default=_REQUIRED, label: str | None = None) -> float:
+    """`d[key]` as a positive finite float; anything else is a ConfigError naming the key (or `label`)."""
+    v = _present(d, key, default, path)
+    key = label or key
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(path, f"{key} must be a number, got {_show(v)}")
     try:
-        iv = int(v)
-    except (TypeError, ValueError):
-        raise ConfigError(path, f"{key} must be an integer, got {v!r}") from None
-    if iv != v and not isinstance(v, (int, float)):
-        raise ConfigError(path, f"{key} must be an integer, got {v!r}")
-    return iv
+        f = float(v)
+    except OverflowError:  # an int too large for a float
+        raise ConfigError(path, f"{key} is {_show(v)}, too large") from None
+    if not (math.isfinite(f) and f > 0):
+        raise ConfigError(path, f"{key} must be a positive finite number, got {_show(v)}")
+    return f
+
+
+def _bool(d: Mapping[str, Any], key: str, path) -> bool:
+    v = d.get(key)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise ConfigError(path, f"{key} must be true or false, got {_show(v)}")
+    return v
+
+
+# ModelConfig field -> GGUF key, so a check in __post_init__ names the key the file actually holds.
+_GGUF_KEYS = {
+    "vocab_size": "llama.vocab_size", "hidden_size": "llama.embedding_length",
+    "intermediate_size": "llama.feed_forward_length", "num_hidden_layers": "llama.block_count",
+    "num_attention_heads": "llama.attention.head_count", "num_key_value_heads": "llama.attention.head_count_kv",
+    "head_dim": "llama.attention.key_length", "max_position_embeddings": "llama.context_length",
+}
+
+
+def _gguf_names(reason: str) -> str:
+    for field_name, key in _GGUF_KEYS.items():
+        reason = re.sub(rf"\b{field_name}\b", f"{key} ({field_name})", reason, count=1)
+    return reason
 
 
 def _rope_scaling_from_hf(rs, path) -> RopeScaling | None:
     if not rs:
         return None
     if not isinstance(rs, Mapping):
-        raise ConfigError(path, f"rope_scaling must be an object, got {rs!r}")
+        raise ConfigError(path, f"rope_scaling must be an object, got {_show(rs)}")
     rtype = rs.get("rope_type", rs.get("type"))
     if rtype in (None, "default"):
         return None
@@ -285,11 +386,12 @@ def _rope_scaling_from_hf(rs, path) -> RopeScaling | None:
                    if k not in rs]
         if missing:
             raise ConfigError(path, f"rope_scaling of type llama3 is missing: {', '.join(missing)}")
-        return RopeScaling("llama3", factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
-                           high_freq_factor=float(rs["high_freq_factor"]),
-                           original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
+        f = {k: _float(rs, k, path, label=f"rope_scaling.{k}") for k in ("factor", "low_freq_factor",
+                                                                           "high_freq_factor")}
+        orig = _int(rs, "original_max_position_embeddings", path, hi=MAX_CONTEXT)
+        return RopeScaling("llama3", original_max_position_embeddings=orig, **f)
     if rtype == "linear":
         if "factor" not in rs:
             raise ConfigError(path, "rope_scaling of type linear is missing: factor")
-        return RopeScaling("linear", factor=float(rs["factor"]))
-    raise ConfigError(path, f"unsupported rope_scaling type {rtype!r}")
+        return RopeScaling("linear", factor=_float(rs, "factor", path, label="rope_scaling.factor"))
+    raise ConfigError(path, f"unsupported rope_scaling type {_show(rtype)}")

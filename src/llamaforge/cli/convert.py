@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .._fs import io_errors
 from ..errors import InvalidRequestError, LlamaforgeError
 
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing output")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        out = convert(args.model, args.to, args.out, args.type, force=args.force)
+        with io_errors(f"cannot write {args.out}"):   # a full disk is one line; the old output stays intact
+            out = convert(args.model, args.to, args.out, args.type, force=args.force)
     except ValueError as e:
         if isinstance(e, LlamaforgeError):
             raise

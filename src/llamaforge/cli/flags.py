@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from .._fs import loads_json
 
 # SamplingParams field -> the flag a user typed, so errors name the flag.
 FLAG_FOR_FIELD = {
@@ -124,9 +125,8 @@ def constraint_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
         if name == "grammar":
             syntax = args.grammar_syntax or ("gbnf" if str(path).lower().endswith(".gbnf") else "lark")
             return {"grammar": text, "grammar_syntax": syntax}, None
-        import json
         try:
-            return {"json_schema": json.loads(text)}, None
+            return {"json_schema": loads_json(text)}, None
         except (ValueError, RecursionError) as e:
             return {}, f"Error: {flag}: {path} is not JSON ({e})"
     if getattr(args, "grammar_syntax", None) is not None:

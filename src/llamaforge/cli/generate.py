@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from .._fs import read_stdin
 from .flags import (add_constraint_flags, add_load_flags, add_sampling_flags, check_sampling, constraint_from_args,
                     load_model, sampling_from_args)
 
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
         print(err, file=sys.stderr)
         return 1
     sampling.update(constraint)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     lm = load_model(args.model, dtype=args.dtype, quant=args.quant, threads=args.threads)
     from ..generate.api import generate, stream
     if args.json:

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from .._fs import loads_json
 
 MAX_TEXT_FILE = 8 << 20
 MAX_CODE_FILE = 4 << 20
@@ -76,7 +77,7 @@ def _load(args):
     if args.categories:
         from .._fs import read_text_bounded
         try:
-            cats = json.loads(read_text_bounded(args.categories, 1 << 20, "categories file"))
+            cats = loads_json(read_text_bounded(args.categories, 1 << 20, "categories file"))
         except json.JSONDecodeError as e:
             raise InvalidRequestError(f"{args.categories}: not JSON ({e.msg})", field="--categories") from None
     return load_guard(args.model, categories=cats, excluded=args.exclude, threshold=args.threshold,

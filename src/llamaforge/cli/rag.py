@@ -15,6 +15,7 @@ import re
 import sys
 
 from .flags import add_sampling_flags, check_sampling, sampling_from_args
+from .._fs import read_stdin
 
 DEFAULT_MODEL = "smollm2"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000 ** 2,
@@ -152,7 +153,7 @@ def _ask(args) -> int:
     if err:
         print(err, file=sys.stderr)
         return 1
-    question = sys.stdin.read() if args.question == "-" else args.question
+    question = read_stdin() if args.question == "-" else args.question
     from ..rag.index import Index
     from ..rag.search import check_k
     check_k(args.k, "--k")

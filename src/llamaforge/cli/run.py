@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 
+from .._fs import read_stdin
 from .flags import (add_constraint_flags, add_load_flags, add_sampling_flags, check_sampling, constraint_from_args,
                     load_model, sampling_from_args)
 
@@ -288,7 +289,7 @@ def main(argv: list[str]) -> int:
     text = args.prompt
     demo = False
     if not interactive and text is None:
-        text = sys.stdin.read().strip()
+        text = read_stdin().strip()
         demo = not text
         text = text or DEMO_PROMPT
     lm = load_model(args.model, dtype=args.dtype, quant=args.quant, threads=args.threads)

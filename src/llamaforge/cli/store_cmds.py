@@ -10,8 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+from .._fs import read_bounded
 from ..errors import StoreError
 from ..store.inspect import inspect_model
+
+MAX_TEMPLATE_FILE = 1 << 20   # a chat template (the template sandbox refuses longer sources anyway)
 
 
 # ------------------------------------------------------------------------------------------------------ formatting
@@ -148,7 +151,7 @@ def cmd_create(args, store) -> int:
     if args.template:
         p = Path(args.template).expanduser()
         try:
-            raw = p.read_bytes()
+            raw = read_bounded(p, MAX_TEMPLATE_FILE, "template")
         except OSError as e:
             raise StoreError(f"cannot read template {p}: {e.strerror or e}") from None
         try:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+from .._fs import read_stdin
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.text == "-":
         # Bytes, so invalid UTF-8 on stdin is replaced (U+FFFD) rather than raising.
-        text: str | bytes = sys.stdin.buffer.read()
+        text: str | bytes = read_stdin(text=False)
     else:
         text = args.text
     tok = load_tokenizer_for(args.model)

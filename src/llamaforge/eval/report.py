@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .._fs import atomic_file, atomic_write_text, read_text_bounded
+from .._fs import atomic_file, atomic_write_text, read_text_bounded, loads_json
 from .runner import TaskResult
 from .tasks import TaskError
 
@@ -118,7 +118,7 @@ def load_runs(path: Path) -> list[list[TaskResult]]:
     """The runs of a results JSON written by `write_reports` (for --compare)."""
     text = read_text_bounded(path, MAX_RESULT_BYTES, f"results file {path}")
     try:
-        data = json.loads(text)
+        data = loads_json(text)
         return [[TaskResult.from_json(d) for d in run] for run in data["runs"]]
     except (ValueError, KeyError, TypeError) as e:
         raise TaskError(path, f"not a llamaforge eval results file ({e})") from None

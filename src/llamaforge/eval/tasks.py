@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from .._fs import read_text_bounded
+from .._fs import read_text_bounded, loads_json
 from ..errors import LlamaforgeError
 from .metrics import CHOICE_METRICS, GENERATION_METRICS
 
@@ -224,7 +224,7 @@ def _read_items(t: Task) -> list[Item]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = loads_json(line)
         except json.JSONDecodeError as e:
             raise TaskError(t.data_path, f"malformed JSON: {e.msg} (column {e.colno})", n) from None
         if not isinstance(rec, dict):

@@ -20,8 +20,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidRequestError, ModelFormatError
+from ..errors import InvalidRequestError, LlamaforgeError, ModelFormatError
 from .sniff import detect_format
+from .._fs import loads_json, read_bounded
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                       "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -125,7 +126,7 @@ def hf_tokenizer_to_gguf(src: Path, vocab_size: int | None = None) -> tuple[dict
     from gguf.vocab import SpecialVocab
     tj = src / "tokenizer.json"
     if tj.is_file():
-        data = json.loads(tj.read_text(encoding="utf-8"))
+        data = loads_json(read_bounded(tj, 256 << 20, "tokenizer.json"))
         model = data.get("model") or {}
         if model.get("type") != "BPE":
             if (src / "tokenizer.model").is_file():
@@ -183,8 +184,8 @@ def hf_tokenizer_to_gguf(src: Path, vocab_size: int | None = None) -> tuple[dict
 def _special_name(src: Path, key: str) -> str | None:
     """Text of a special token named in tokenizer_config.json (e.g. unk_token), if any."""
     try:
-        name = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):
+        name = loads_json(read_bounded(src / "tokenizer_config.json", 64 << 20, "tokenizer_config.json")).get(key)
+    except (LlamaforgeError, ValueError, AttributeError):
         return None
     name = name.get("content") if isinstance(name, dict) else name
     return name if isinstance(name, str) else None

@@ -141,6 +141,8 @@ def _validate_tensors(h: GGUFHeader) -> dict[str, TensorInfo]:
     data_len = h.file_size - h.data_offset
     tensors: dict[str, TensorInfo] = {}
     for t in h.tensor_infos:
+        if not t.dims:
+            raise fail(f"tensor {t.name!r} has 0 dimensions (a weight has at least one)")
         if t.ggml_type not in TENSOR_TYPES:
             try:
                 from gguf import GGMLQuantizationType
@@ -185,17 +187,59 @@ def gguf_config(gf: GGUFFile):
         raise ModelFormatError(gf.path, "missing tensor 'token_embd.weight'")
     if len(emb.shape) != 2:
         raise ModelFormatError(gf.path, f"tensor 'token_embd.weight' has shape {list(emb.shape)}, expected 2-D")
-    freq_factors = None
-    if "rope_freqs.weight" in gf.tensors:
-        freq_factors = tuple(gf.dequantize("rope_freqs.weight").flatten().tolist())
     meta = gf.metadata
-    cfg = ModelConfig.from_gguf(meta, vocab_size=emb.shape[0], freq_factors=freq_factors, path=gf.path)
+    cfg = ModelConfig.from_gguf(meta, vocab_size=emb.shape[0], path=gf.path)
     if "llama.vocab_size" in meta and meta["llama.vocab_size"] != emb.shape[0]:
         raise ModelFormatError(gf.path, f"llama.vocab_size is {meta['llama.vocab_size']} but token_embd.weight "
                                         f"has {emb.shape[0]} rows")
     tied = "output.weight" not in gf.tensors
-    return cfg.replace(tie_word_embeddings=tied, attention_bias="blk.0.attn_q.bias" in gf.tensors,
-                       mlp_bias="blk.0.ffn_gate.bias" in gf.tensors)
+    cfg = cfg.replace(tie_word_embeddings=tied, attention_bias="blk.0.attn_q.bias" in gf.tensors,
+                      mlp_bias="blk.0.ffn_gate.bias" in gf.tensors)
+    check_gguf_tensors(gf, cfg)
+    ff = gf.tensors.get("rope_freqs.weight")
+    if ff is not None:
+        if ff.numel != cfg.head_dim // 2:  # checked before decoding: a crafted table must not be read whole
+            raise ModelFormatError(gf.path, f"tensor 'rope_freqs.weight' has {ff.numel} values, expected "
+                                            f"head_dim / 2 = {cfg.head_dim // 2}")
+        factors = tuple(gf.dequantize("rope_freqs.weight").flatten().tolist())
+        from ..config import RopeScaling
+        from ..errors import ConfigError
+        try:
+            cfg = cfg.replace(rope_scaling=RopeScaling("factors", freq_factors=factors))
+        except ConfigError as e:
+            raise ModelFormatError(gf.path, e.reason) from None
+    return cfg
+
+
+def check_gguf_tensors(gf: GGUFFile, config) -> None:
+    """Every architecture number of `config` agrees with the tensors present (layer count = blk.N found, each
+    shape as the numbers say), before any weight is decoded or any module built."""
+    from .architecture import check_tensor_shapes
+    shapes = {}
+    for name, info in gf.tensors.items():
+        try:
+            hf = gguf_to_hf_name(name)
+        except KeyError:
+            raise ModelFormatError(gf.path, f"unexpected tensor {name!r} for a llama model") from None
+        if hf is not None:
+            if hf in shapes:
+                raise ModelFormatError(gf.path, f"tensor {name!r} names the same weight ({hf}) as another tensor")
+            shapes[hf] = info.shape
+    try:
+        check_tensor_shapes(config, shapes, gf.path, "gguf")
+    except ModelFormatError as e:
+        raise ModelFormatError(gf.path, _gguf_tensor_names(e.reason)) from None
+
+
+def _gguf_tensor_names(reason: str) -> str:
+    """Add the GGUF spelling of the first HF tensor name in a message (users look files up with gguf tools)."""
+    import re
+    m = re.search(r"'((?:model|lm_head)[\w.]*)'", reason)
+    try:
+        g = hf_to_gguf_name(m.group(1)) if m else None
+    except KeyError:
+        g = None
+    return f"{reason} (GGUF tensor {g!r})" if g else reason
 
 
 def iter_gguf_state_dict(gf: GGUFFile, config, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:

@@ -40,28 +40,18 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 
 def build_model(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], path, *,
-                device="cpu") -> torch.nn.Module:
+                device="cpu", source: str = "hf") -> torch.nn.Module:
     """Llama(config) with `state_dict` assigned in place, after checking every name and shape."""
     from ..model import Llama
-    with torch.device("meta"):
-        model = Llama(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    from .architecture import check_tensor_shapes
     sd = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
         sd.pop("lm_head.weight", None)  # a tied copy some exporters write; the embedding is the one used
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelFormatError(path, f"missing tensor {missing[0]!r}, expected shape {list(expected[missing[0]])}"
-                                     f"{more}")
-    unexpected = [k for k in sd if k not in expected]
-    if unexpected:
-        raise ModelFormatError(path, f"unexpected tensor {unexpected[0]!r} with shape "
-                                     f"{list(sd[unexpected[0]].shape)} for this architecture")
-    for k, shape in expected.items():
-        if tuple(sd[k].shape) != shape:
-            raise ModelFormatError(path, f"tensor {k!r} has shape {list(sd[k].shape)}, expected {list(shape)}")
+    # Names and shapes checked against the config before a single module is built (a crafted layer count
+    # must not build millions of layers first).
+    check_tensor_shapes(config, {k: tuple(v.shape) for k, v in sd.items()}, path, source)
+    with torch.device("meta"):
+        model = Llama(config)
     model.load_state_dict(sd, assign=True, strict=False)  # names checked above; tied lm_head absent
     model.tie_weights()
     model.eval()
@@ -112,7 +102,7 @@ def load_model(path, *, dtype=None, device="cpu", quant=None, **kw) -> LoadedMod
             from .packed import load_gguf_quantized
             model = load_gguf_quantized(gguf_file, config, quant, device)
         else:
-            model = build_model(config, sd, path, device=device)
+            model = build_model(config, sd, path, device=device, source=fmt)
             if quant is not None:
                 from ..model.quant import quantize_model
                 model = quantize_model(model, quant)

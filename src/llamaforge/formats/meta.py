@@ -14,9 +14,9 @@ from typing import Mapping
 import torch
 
 from ..config import ModelConfig
-from ..errors import ModelFormatError
+from ..errors import LlamaforgeError, ModelFormatError
 from ..model.rope import permute_qk, unpermute_qk
-from .._fs import atomic_dir
+from .._fs import atomic_dir, read_bounded
 
 _GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
@@ -90,16 +90,32 @@ def _merge_shards(shards: list[dict], files: list[Path], dim: int) -> dict[str, 
     return out
 
 
+MAX_PARAMS_BYTES = 1 << 20   # params.json: a few hundred bytes in practice
+
+
+def read_params(dirpath) -> dict:
+    """params.json of a Meta directory as a dict (read bounded; ModelFormatError if unreadable)."""
+    ppath = Path(dirpath) / "params.json"
+    try:
+        params = json.loads(read_bounded(ppath, MAX_PARAMS_BYTES, "params.json"))
+    except (LlamaforgeError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ModelFormatError(ppath, f"unreadable params.json: {why}") from None
+    if not isinstance(params, dict):
+        raise ModelFormatError(ppath, "params.json is not a JSON object")
+    return params
+
+
+def meta_params_config(dirpath) -> ModelConfig:
+    """params.json parsed and range-checked (the vocabulary size, when -1, stands in until the weights say)."""
+    return ModelConfig.from_meta_params(read_params(dirpath), vocab_size=1, path=Path(dirpath) / "params.json")
+
+
 def load_meta(dirpath, dtype: torch.dtype = torch.float32):
     """(ModelConfig, HF-named state_dict, metadata) for a Meta checkpoint directory."""
     dirpath = Path(dirpath)
     ppath = dirpath / "params.json"
-    try:
-        params = json.loads(ppath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(ppath, f"unreadable params.json: {e}") from None
-    if not isinstance(params, dict):
-        raise ModelFormatError(ppath, "params.json is not a JSON object")
+    params = read_params(dirpath)
     files = sorted(dirpath.glob("consolidated.*.pth"))
     if not files:
         raise ModelFormatError(dirpath, "no consolidated.*.pth checkpoint next to params.json")

@@ -7,10 +7,9 @@ files are refused, never unpickled. Checking a directory reads only the config: 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .._fs import read_bounded
+from .._fs import read_bounded, loads_json
 from ..errors import LlamaforgeError, ModelFormatError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,7 +27,7 @@ def read_adapter_config(adapter_dir, *, modules_to_save: tuple[str, ...] = ()) -
     if not path.is_file():
         raise ModelFormatError(d, f"not a LoRA adapter directory: {ADAPTER_CONFIG} is missing")
     try:
-        cfg = json.loads(read_bounded(path, MAX_CONFIG_BYTES, ADAPTER_CONFIG))
+        cfg = loads_json(read_bounded(path, MAX_CONFIG_BYTES, ADAPTER_CONFIG))
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelFormatError(path, f"not valid JSON: {e}") from None
     except LlamaforgeError as e:  # unreadable, or larger than any adapter config

@@ -19,6 +19,7 @@ from ..errors import LlamaforgeError, ModelFormatError
 from .._fs import atomic_dir, chmod_as_created, read_bounded
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the safetensors library's own limit
+MAX_CONFIG_BYTES = 4 << 20   # config.json: a few KiB in practice
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -48,6 +49,8 @@ def validate_safetensors(path) -> dict:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFormatError(path, f"safetensors header is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ModelFormatError(path, "safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ModelFormatError(path, "safetensors header is not a JSON object")
     data_len = size - 8 - n
@@ -96,9 +99,10 @@ def _shard_files(dirpath: Path) -> dict[str, Path]:
     index = dirpath / INDEX_NAME
     if index.is_file():
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFormatError(index, f"unreadable shard index: {e}") from None
+            data = json.loads(read_bounded(index, MAX_CONFIG_BYTES * 4, INDEX_NAME))
+        except (LlamaforgeError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise ModelFormatError(index, f"unreadable shard index: {why}") from None
         wm = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise ModelFormatError(index, "shard index has no weight_map object")
@@ -151,17 +155,40 @@ def load_hf_state_dict(dirpath, dtype: torch.dtype = torch.float32) -> dict[str,
     return sd
 
 
+def hf_config(dirpath) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, raw dict) of a Hugging Face directory's config.json (read bounded; ConfigError naming the key)."""
+    cfg_path = Path(dirpath) / "config.json"
+    try:
+        cfg = json.loads(read_bounded(cfg_path, MAX_CONFIG_BYTES, "config.json"))
+    except (LlamaforgeError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ModelFormatError(cfg_path, f"unreadable config.json: {why}") from None
+    if not isinstance(cfg, dict):
+        raise ModelFormatError(cfg_path, "config.json is not a JSON object")
+    return ModelConfig.from_hf_config(cfg, path=cfg_path), cfg
+
+
+def hf_tensor_shapes(dirpath) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of an HF directory from the safetensors headers alone (no tensor data read)."""
+    dirpath = Path(dirpath)
+    where = _shard_files(dirpath)
+    headers: dict[Path, dict] = {}
+    out = {}
+    for name, f in where.items():
+        if f not in headers:
+            if not f.is_file():
+                raise ModelFormatError(f, "shard listed in the index is missing")
+            headers[f] = validate_safetensors(f)
+        if name not in headers[f]:
+            raise ModelFormatError(f, f"tensor {name!r} listed in the index is not in this shard")
+        out[name] = headers[f][name][1]
+    return out
+
+
 def load_hf(dirpath, dtype: torch.dtype = torch.float32):
     """(ModelConfig, state_dict, metadata) for a Hugging Face Llama directory."""
     dirpath = Path(dirpath)
-    cfg_path = dirpath / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFormatError(cfg_path, f"unreadable config.json: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ModelFormatError(cfg_path, "config.json is not a JSON object")
-    config = ModelConfig.from_hf_config(cfg, path=cfg_path)
+    config, cfg = hf_config(dirpath)
     sd = load_hf_state_dict(dirpath, dtype)
     if "lm_head.weight" not in sd and not config.tie_word_embeddings:
         raise ModelFormatError(dirpath, "missing tensor 'lm_head.weight' and tie_word_embeddings is false")

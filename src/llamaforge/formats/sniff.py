@@ -62,11 +62,11 @@ def sniff(path, *, complete: bool = False) -> Sniffed:
         if complete and not any(path.glob("*.safetensors")):
             return Sniffed("hf", path, "no .safetensors weights beside config.json (pickled .bin weights are not "
                                        "accepted)")
-        return Sniffed("hf", path)
+        return _validated(Sniffed("hf", path)) if complete else Sniffed("hf", path)
     if (path / "params.json").is_file():
         if complete and not any(_META_WEIGHTS.fullmatch(p.name) for p in path.glob("consolidated.*.pth")):
             return Sniffed("meta", path, "no consolidated.*.pth weights beside params.json")
-        return Sniffed("meta", path)
+        return _validated(Sniffed("meta", path)) if complete else Sniffed("meta", path)
     ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
     if len(ggufs) == 1 and is_gguf(ggufs[0]):
         return _gguf(ggufs[0], complete)
@@ -78,7 +78,19 @@ def _gguf(path: Path, complete: bool) -> Sniffed:
         arch = read_header(path, tensors=False).metadata.get("general.architecture")
         if arch != "llama":
             return Sniffed("gguf", path, f"unsupported architecture {arch!r} (only llama)")
+        return _validated(Sniffed("gguf", path))
     return Sniffed("gguf", path)
+
+
+def _validated(found: Sniffed) -> Sniffed:
+    """A complete model must also load: its architecture numbers checked against its tensor table (no weights
+    read). A GGUF that passes the header checks but could never load is a problem, not a model."""
+    from .validate import validate_architecture
+    try:
+        validate_architecture(found.format, found.weights)
+    except ModelFormatError as e:
+        return Sniffed(found.format, found.weights, e.reason)
+    return found
 
 
 def detect_format(path) -> tuple[str, Path]:

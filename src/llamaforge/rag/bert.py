@@ -12,7 +12,6 @@ token and a linear classifier.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._fs import read_bounded
+from .._fs import read_bounded, loads_json
 from ..errors import ModelFormatError
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -160,7 +159,7 @@ def our_name(hf_name: str) -> str | None:
 
 def read_json(path: Path, what: str) -> dict:
     try:
-        data = json.loads(read_bounded(path, MAX_CONFIG_BYTES, what))
+        data = loads_json(read_bounded(path, MAX_CONFIG_BYTES, what))
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelFormatError(path, f"{what} is not valid JSON: {e}") from None
     if not isinstance(data, dict):

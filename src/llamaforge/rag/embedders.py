@@ -12,7 +12,6 @@ sentence-transformers directory (modules.json / config.json of a BERT model, saf
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .._fs import read_bounded
+from .._fs import read_bounded, loads_json
 from ..errors import LlamaforgeError, ModelFormatError
 
 DEFAULT_EMBEDDER = "minilm"
@@ -87,7 +86,7 @@ class SentenceEncoder:
         if not path.is_file():
             return []
         try:
-            mods = json.loads(read_bounded(path, 1 << 20, "modules.json"))
+            mods = loads_json(read_bounded(path, 1 << 20, "modules.json"))
         except ValueError as e:
             raise ModelFormatError(path, f"not valid JSON: {e}") from None
         if not isinstance(mods, list) or not all(isinstance(m, dict) for m in mods):

@@ -14,7 +14,6 @@ Questions file (JSON Lines), one object per line:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .._fs import read_text_bounded
+from .._fs import read_text_bounded, loads_json
 from ..errors import InvalidRequestError
 from .index import Index
 from .search import search_index
@@ -46,7 +45,7 @@ def load_questions(path: str | Path) -> list[Question]:
         if not line.strip():
             continue
         try:
-            d = json.loads(line)
+            d = loads_json(line)
         except ValueError as e:
             raise InvalidRequestError(f"{path}:{i}: not JSON: {e}", field="questions") from None
         if not isinstance(d, dict):

@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import LlamaforgeError, StoreError
+from .._fs import loads_json
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 60_000
@@ -186,7 +187,7 @@ class Index:
 
     def meta(self, key: str):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return loads_json(row[0]) if row else None
 
     def set_meta(self, key: str, value) -> None:
         self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = "

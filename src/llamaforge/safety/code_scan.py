@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequestError
 from .code_rules import LANGUAGES, prefilter, rules_for
+from .._fs import loads_json
 
 MAX_CODE_BYTES = 4 << 20          # 4 MiB per scan
 SEMGREP_TIMEOUT_S = 60
@@ -282,7 +283,7 @@ def _semgrep_pass(code: str, language: str, line_offset: int = 0) -> tuple[list[
         except (OSError, subprocess.TimeoutExpired) as e:
             return [], f"semgrep did not finish ({type(e).__name__}); only the pattern pass ran"
     try:
-        data = json.loads(proc.stdout or "{}")
+        data = loads_json(proc.stdout or "{}")
     except json.JSONDecodeError:
         return [], f"semgrep failed (exit {proc.returncode}); only the pattern pass ran"
     out = []

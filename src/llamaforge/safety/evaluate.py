@@ -12,7 +12,7 @@ import statistics
 import time
 from typing import Iterable
 
-from .._fs import read_text_bounded
+from .._fs import read_text_bounded, loads_json
 from ..errors import InvalidRequestError
 
 MAX_DATA_BYTES = 64 << 20
@@ -26,7 +26,7 @@ def load_records(path, split: str | None = None) -> list[dict]:
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            r = loads_json(line)
         except json.JSONDecodeError as e:
             raise InvalidRequestError(f"{path}:{no}: not JSON ({e.msg})", field="data") from None
         if not isinstance(r, dict):

@@ -17,6 +17,7 @@ from ..generate.stage import Delta
 from .scheduler import ERROR, SHUTDOWN, QueueFullError, ShuttingDownError, Stream
 from .schemas import ApiError, parse_body
 from .security import _BodyTooLarge
+from .._fs import loads_json
 
 RETRY_AFTER_S = 1
 
@@ -289,7 +290,7 @@ def token_text(tokenizer, token_id: int) -> str:
 def tool_arguments(call: dict) -> dict:
     """The arguments of an OpenAI-shaped tool call as an object (Ollama's shape)."""
     try:
-        args = json.loads(call.get("function", {}).get("arguments") or "{}")
+        args = loads_json(call.get("function", {}).get("arguments") or "{}")
     except ValueError:
         args = {}
     return args if isinstance(args, dict) else {"value": args}

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import InvalidRequestError, LlamaforgeError
+from .._fs import loads_json
 
 SCHEMA_VERSION = 1
 LOCAL_OWNER = "local"          # the owner of every conversation when the server runs without API keys
@@ -426,12 +427,12 @@ class ConversationStore:
     @staticmethod
     def _summary(row: sqlite3.Row, n: int | None = None) -> dict:
         return {"id": row["id"], "title": row["title"], "model": row["model"],
-                "settings": json.loads(row["settings"] or "{}"), "created": row["created"],
+                "settings": loads_json(row["settings"] or "{}"), "created": row["created"],
                 "updated": row["updated"], "message_count": row["n"] if n is None else n}
 
 
 def _message_out(m: sqlite3.Row) -> dict:
-    return {"id": m["id"], "role": m["role"], "content": m["content"], "meta": json.loads(m["meta"] or "{}"),
+    return {"id": m["id"], "role": m["role"], "content": m["content"], "meta": loads_json(m["meta"] or "{}"),
             "created": m["created"]}
 
 

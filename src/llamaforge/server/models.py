@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from ..errors import LlamaforgeError, ModelNotFoundError, StoreError
+from ..errors import (LlamaforgeError, ModelFormatError, ModelNotFoundError, StoreError, TemplateError,
+                      TokenizerError)
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .schemas import ApiError
@@ -55,6 +56,12 @@ def normalize_name(name: str) -> str:
         return parse_name(name).short
     except LlamaforgeError:
         return name
+
+
+def _store_relative(e: LlamaforgeError) -> str:
+    """The reason without the server's file-system layout (a blob path says where the store lives)."""
+    reason = getattr(e, "reason", None)
+    return reason if reason else str(e)
 
 
 class ModelManager:
@@ -194,6 +201,10 @@ class ModelManager:
             lm = await asyncio.to_thread(self._load, key if self._loader is not None else ref)
         except ModelNotFoundError as e:
             raise ApiError(404, str(e), param="model", code="model_not_found") from None
+        except (ModelFormatError, TokenizerError, TemplateError) as e:
+            # The stored file itself is malformed or crafted: the request named something we cannot serve.
+            raise ApiError(400, f"cannot load model {key!r}: {_store_relative(e)}", param="model",
+                           code="invalid_model") from None
         except LlamaforgeError as e:
             raise ApiError(500, f"failed to load model {key!r}: {e}", code="model_load_failed") from None
         return self._add(key, lm, time.perf_counter() - t0, pinned=False)

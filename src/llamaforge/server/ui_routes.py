@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import mimetypes
 from functools import lru_cache
 from pathlib import Path
@@ -25,7 +24,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from .._fs import read_bounded
+from .._fs import read_bounded, loads_json
 from ..errors import InvalidRequestError, LlamaforgeError
 from .common import json_response
 from .conversations import ConversationNotFoundError, ConversationStore, ConversationStoreError
@@ -132,7 +131,7 @@ async def _read_object(request: Request) -> dict:
     if not raw.strip():
         raise bad_request("request body is empty; expected a JSON object")
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
+        data = loads_json(raw.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError as e:
         raise bad_request(f"request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
     except ValueError as e:

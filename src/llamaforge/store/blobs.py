@@ -10,7 +10,6 @@ opened (those of writers still alive are left alone).
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import re
@@ -20,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .._fs import fsync_dir, temp_path, write_all
-from ..errors import LlamaforgeError, StoreError
+from .._fs import fsync_dir, io_errors as _io_errors, temp_path, write_all
+from ..errors import StoreError
 from .manifests import canonical, check_digest, check_relpath
 
 CHUNK = 1 << 20
@@ -39,17 +38,9 @@ def home() -> Path:
 # ------------------------------------------------------------------------------------------------------ io helpers
 @contextlib.contextmanager
 def io_errors(what: str):
-    """Turn OSError into a one-line StoreError (ENOSPC spelled out)."""
-    try:
+    """Turn OSError into a one-line StoreError (ENOSPC spelled out): `_fs.io_errors` with the store's error."""
+    with _io_errors(what, StoreError):
         yield
-    except LlamaforgeError:
-        raise
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise StoreError(f"{what}: no space left on device") from None
-        if e.errno == errno.EDQUOT:
-            raise StoreError(f"{what}: disk quota exceeded") from None
-        raise StoreError(f"{what}: {e.strerror or e}") from None
 
 
 def pid_alive(pid: int) -> bool:
@@ -249,12 +240,16 @@ class BlobStore:
             for b in self.blobs.glob("sha256-*"):
                 if b.name[7:] not in digests:
                     with contextlib.suppress(OSError):
-                        freed += b.stat().st_size
-                        b.unlink()
+                        freed += b.lstat().st_size   # a planted link: its own size, never its target's
+                        b.unlink()                   # unlinks a link itself, never what it points to
         if self.trees.is_dir():
             for t in self.trees.iterdir():
                 if re.fullmatch(r"[0-9a-f]{64}", t.name) and t.name not in trees:
-                    shutil.rmtree(t, ignore_errors=True)
+                    if t.is_symlink():   # rmtree refuses links; remove the link, never the directory it names
+                        with contextlib.suppress(OSError):
+                            t.unlink()
+                    else:
+                        shutil.rmtree(t, ignore_errors=True)   # does not follow links inside the tree
         return freed
 
     def verify_blob(self, digest: str, owner: str) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import logging
 from pathlib import Path
 
-from .._fs import atomic_write_bytes, fsync_dir
+from .._fs import atomic_write_bytes, fsync_dir, loads_json
 from ..errors import ModelNotFoundError, StoreError
 from .blobs import TEMP_RE, BlobStore, io_errors, tree_id
 from .hub import hf_repo_id, ollama_library_message, pull_hf
@@ -19,16 +20,26 @@ from .manifests import (DEFAULT_KEYS, SCHEMA_VERSION, ModelEntry, Resolved, chec
                         empty_defaults, manifest_files, manifest_id, manifest_problem, manifest_size,
                         manifest_trees, now)
 from .names import DEFAULT_NAMESPACE, DEFAULT_TAG, ModelName, default_name_for, looks_like_model_path, parse_name, \
-    split_name
+    spelled_as_path, split_name
 from .options import check_license, check_messages, validate_options, validate_template
 from .sources import BUILTINS, builtin_path, check_adapter, import_adapter, import_source
+
+
+log = logging.getLogger("llamaforge.store")
 
 
 class Store(BlobStore):
     """The model store at `root` (default: `home()`). Opening it removes temp files left by dead writers."""
 
     def _manifest_path(self, n: ModelName) -> Path:
-        return self.manifests / n.namespace / n.model / f"{n.tag}.json"
+        """Where `n`'s manifest lives. A symbolic link planted anywhere below manifests/ (the namespace, model or
+        tag) is refused: reading, writing or removing through it would touch a file outside the store."""
+        p = self.manifests / n.namespace / n.model / f"{n.tag}.json"
+        for part in (p.parent.parent, p.parent, p):
+            if part.is_symlink():
+                raise StoreError(f"{part.relative_to(self.root)} in the store is a symbolic link; refusing to "
+                                 "follow it (remove it by hand)")
+        return p
 
     # ---------------------------------------------------------------- reading
     def _read_manifest(self, n: ModelName) -> dict | None:
@@ -40,7 +51,7 @@ class Store(BlobStore):
         except OSError as e:
             raise StoreError(f"cannot read manifest of {n}: {e.strerror or e}") from None
         try:
-            man = json.loads(raw)
+            man = loads_json(raw)
         except (ValueError, UnicodeDecodeError):
             raise StoreError(f"manifest of {n} is corrupt (not JSON); remove it with `llamaforge rm {n}`") from None
         if not isinstance(man, dict) or man.get("schema_version") != SCHEMA_VERSION:
@@ -84,8 +95,8 @@ class Store(BlobStore):
         out = set()
         if self.manifests.is_dir():
             for p in self.manifests.glob("*/*/*.json"):
-                if TEMP_RE.match(p.name):
-                    continue
+                if TEMP_RE.match(p.name) or any(x.is_symlink() for x in (p, p.parent, p.parent.parent)):
+                    continue   # a temporary file, or a link planted in the store (never followed)
                 try:
                     out.add(str(parse_name(f"{p.parent.parent.name}/{p.parent.name}:{p.stem}")))
                 except StoreError:
@@ -130,6 +141,17 @@ class Store(BlobStore):
     def resolve(self, name_or_path) -> Resolved:
         """An existing model file/directory -> itself; a store name -> its weights path and defaults;
         built-in `smollm2` -> the installed package's GGUF. Unknown -> ModelNotFoundError with close matches."""
+        if isinstance(name_or_path, str) and looks_like_model_path(name_or_path) \
+                and not spelled_as_path(name_or_path):
+            # A bare word that is both a file here and a store model: the store model wins (a file that happens
+            # to sit in the current directory must not silently replace it); `./name` means the file.
+            stored = self._stored(name_or_path)
+            if stored is not None:
+                log.warning("using the store model %s; a file named %r is in the current directory (write "
+                            "./%s to load the file)", stored[0], name_or_path, name_or_path)
+                n, man = stored
+                return Resolved(path=self._weights_path(man, str(n)), name=str(n),
+                                defaults=self._defaults(man, str(n)), manifest=man, builtin=bool(man.get("builtin")))
         if isinstance(name_or_path, Path) or (isinstance(name_or_path, str) and looks_like_model_path(name_or_path)):
             p = Path(name_or_path).expanduser()
             if p.exists():
@@ -145,6 +167,15 @@ class Store(BlobStore):
             raise ModelNotFoundError(s, self.close_matches(s))
         return Resolved(path=self._weights_path(man, str(n)), name=str(n), defaults=self._defaults(man, str(n)),
                         manifest=man, builtin=bool(man.get("builtin")))
+
+    def _stored(self, s: str):
+        """(name, manifest) when `s` names a model in the store (or a built-in), else None."""
+        try:
+            n = parse_name(s)
+            man = self._read_manifest(n) or self._builtin_manifest(n)
+        except StoreError:
+            return None
+        return (n, man) if man is not None else None
 
     def _weights_path(self, man: dict, name: str) -> Path:
         if "weights" in man:

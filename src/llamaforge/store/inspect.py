@@ -3,11 +3,10 @@ quantization, template, license. `inspect_model` serves `llamaforge show`; `mode
 /api/tags, /api/ps and /api/show `details` for every model, loaded or not (cached by path, size and mtime)."""
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
-from .._fs import read_bounded
+from .._fs import loads_json, read_bounded
 from ..errors import LlamaforgeError, ModelFormatError
 
 _CACHE: dict[tuple, dict] = {}
@@ -42,7 +41,7 @@ def inspect_model(path: Path) -> dict:
 
 def _read_json(p: Path) -> dict:
     try:
-        d = json.loads(read_bounded(p, 16 << 20, p.name))   # a config file, not weights
+        d = loads_json(read_bounded(p, 16 << 20, p.name))   # a config file, not weights
     except (LlamaforgeError, UnicodeDecodeError, ValueError) as e:
         raise ModelFormatError(p, f"unreadable JSON: {e}") from None
     if not isinstance(d, dict):

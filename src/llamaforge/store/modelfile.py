@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._fs import read_bounded
+from .._fs import loads_json, read_bounded
 from ..errors import LlamaforgeError, StoreError
 from .options import ollama_options, params_to_options
 
@@ -65,7 +65,7 @@ def _arguments(text: str, pos: int, line: int) -> tuple[str, int, int]:
 def _unquote(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] == '"':
         try:
-            out = json.loads(value)   # "a \"b\"" with escapes, as Ollama reads quoted values
+            out = loads_json(value)   # "a \"b\"" with escapes, as Ollama reads quoted values
         except ValueError:
             out = value[1:-1]
         return out if isinstance(out, str) else value[1:-1]

@@ -94,6 +94,11 @@ def split_name(s: str) -> tuple[str, str, str]:
     return n.namespace, n.model, n.tag
 
 
+def spelled_as_path(s: str) -> bool:
+    """Written as a path whatever exists on disk: ./x, ../x, /x, ~/x, a/b, x.gguf."""
+    return bool(s) and (s.startswith((".", "/", "~")) or s.lower().endswith(".gguf") or os.sep in s)
+
+
 def looks_like_model_path(s: str) -> bool:
     """An existing file or model directory, or something spelled like a path (./x, ~/x, x.gguf), rather than a
     store name. Directories count when the format sniffer takes them for a model."""

@@ -13,6 +13,19 @@ EOT_NAMES = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "</s>", "<|end
              "<EOT>", "_<EOT>", "<end_of_utterance>", "<end_of_turn>")
 
 
+MAX_TOKENIZER_FILE_BYTES = 64 << 20   # tokenizer.model files are a few MB (Llama 3's: 2.2 MB)
+
+
+def read_tokenizer_file(path) -> bytes:
+    """A tokenizer file's bytes, read bounded (TokenizerError for an unreadable or endless file)."""
+    from .._fs import read_bounded
+    from ..errors import LlamaforgeError
+    try:
+        return read_bounded(path, MAX_TOKENIZER_FILE_BYTES, "tokenizer file")
+    except LlamaforgeError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+
+
 class FragmentTokenizer(Tokenizer):
     """A backend that only has to encode plain text fragments (`_encode_fragment`).
 

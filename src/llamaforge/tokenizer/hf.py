@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import TokenizerError
+from ..errors import LlamaforgeError, TokenizerError
 from .bytelevel import piece_to_bytes
 from .common import FragmentTokenizer
+from .._fs import loads_json, read_bounded
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 MAX_JSON_BYTES = 256 << 20
@@ -24,10 +25,11 @@ def _read_json(path: Path, required: bool = True) -> dict | None:
         if required:
             raise TokenizerError(f"{path}: no such file")
         return None
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise TokenizerError(f"{path}: file too large for a tokenizer ({path.stat().st_size} bytes)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        raw = read_bounded(path, MAX_JSON_BYTES, f"{path.name} (a tokenizer file)")
+        data = loads_json(raw.decode("utf-8-sig"))
+    except LlamaforgeError as e:
+        raise TokenizerError(f"{path}: {e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):

@@ -185,6 +185,20 @@ def _raise_exception(message):
     raise TemplateError(f"chat template error: {message}")
 
 
+MAX_BLOCK_DEPTH = 64   # real chat templates nest for/if/macro blocks a handful of levels deep
+_BLOCK_TAG = re.compile(r"\{%[-+]?\s*(end)?(for|if|macro|call|filter|block|with|raw)\b")
+
+
+def _check_block_depth(source: str) -> None:
+    """Refuse deeply nested blocks before compiling (Jinja's compiler would recurse, then Python's would fail
+    with an IndentationError after seconds of work)."""
+    depth = 0
+    for m in _BLOCK_TAG.finditer(source):
+        depth += -1 if m.group(1) else 1
+        if depth > MAX_BLOCK_DEPTH:
+            raise TemplateError(f"chat template nests blocks more than {MAX_BLOCK_DEPTH} levels deep")
+
+
 class ChatTemplate:
     """A compiled, sandboxed chat template. `render(**context)` returns text or raises TemplateError."""
 
@@ -194,12 +208,14 @@ class ChatTemplate:
         if len(source) > MAX_TEMPLATE_CHARS:
             raise TemplateError(f"chat template is longer than {MAX_TEMPLATE_CHARS} characters")
         self.source = source
+        _check_block_depth(source)
         self.env = SandboxEnvironment(max_output)
         try:
             self.template = self.env.from_string(source)
         except JinjaTemplateError as e:
             raise TemplateError(f"chat template does not compile: {e}") from None
-        except RecursionError:
+        except (RecursionError, MemoryError, SyntaxError):
+            # Python's own compiler limits (nested parentheses, indentation levels) on the generated code.
             raise TemplateError("chat template is nested too deeply") from None
 
     def render(self, *, extra_output: int = 0, **context) -> str:

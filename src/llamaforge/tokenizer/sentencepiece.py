@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import sentencepiece as spm
 
 from ..errors import TokenizerError
 from .common import FragmentTokenizer
+from .common import read_tokenizer_file
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -55,7 +55,7 @@ class SentencePieceTokenizer(FragmentTokenizer):
 
     @classmethod
     def from_file(cls, path, **kw) -> "SentencePieceTokenizer":
-        return cls.from_proto(Path(path).read_bytes(), source=str(path), **kw)
+        return cls.from_proto(read_tokenizer_file(path), source=str(path), **kw)
 
     @classmethod
     def from_proto(cls, data: bytes, **kw) -> "SentencePieceTokenizer":

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from pathlib import Path
 from typing import Iterator
 
 from ..errors import TokenizerError
 from .common import FragmentTokenizer
+from .common import read_tokenizer_file
 
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -90,7 +90,7 @@ class TiktokenTokenizer(FragmentTokenizer):
 
     @classmethod
     def from_file(cls, path, **kw) -> "TiktokenTokenizer":
-        return cls(read_ranks(Path(path).read_bytes(), str(path)), **kw)
+        return cls(read_ranks(read_tokenizer_file(path), str(path)), **kw)
 
     def _encode_fragment(self, text: str, prefix: bool = True) -> list[int]:
         ids: list[int] = []

@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 from dataclasses import dataclass
 from typing import Any, Sequence
+from .._fs import loads_json
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def arguments_of(call: dict) -> Any:
     args = (call.get("function") or {}).get("arguments")
     if isinstance(args, str):
         try:
-            return json.loads(args) if args.strip() else {}
+            return loads_json(args) if args.strip() else {}
         except ValueError:
             return args
     return {} if args is None else args

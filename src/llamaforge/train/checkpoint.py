@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LlamaforgeError
-from .._fs import fsync_dir as _fsync_dir
+from .._fs import fsync_dir as _fsync_dir, loads_json
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -78,7 +78,7 @@ def list_checkpoints(root) -> list[Path]:
 def verify_checkpoint(path: Path) -> dict:
     """The manifest if every listed file is present with the right size and hash; else CheckpointError."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = loads_json((path / MANIFEST).read_text())
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
@@ -113,7 +113,7 @@ def load_checkpoint(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     manifest = verify_checkpoint(path)
     tensors = {f[:-len(".safetensors")]: load_file(str(path / f)) for f in manifest["files"]
                if f.endswith(".safetensors")}
-    state = json.loads((path / "state.json").read_text())
+    state = loads_json((path / "state.json").read_text())
     return tensors, state
 
 

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import InvalidRequestError
+from ..errors import InvalidRequestError, LlamaforgeError
+from .._fs import read_text_bounded
+
+MAX_CONFIG_FILE_BYTES = 1 << 20   # a training config is a page of YAML/TOML
 
 METHODS = ("full", "lora", "qlora")
 TASKS = ("sft", "dpo", "rm", "kto", "orpo", "rs", "grpo")
@@ -153,8 +156,8 @@ class TrainConfig:
         """Read a YAML (.yaml/.yml) or TOML (.toml) file into a settings dict (validated by from_dict)."""
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+            text = read_text_bounded(path, MAX_CONFIG_FILE_BYTES, "config")
+        except LlamaforgeError as e:
             raise InvalidRequestError(f"cannot read config {path}: {e}", field="config") from None
         try:
             if path.suffix == ".toml":

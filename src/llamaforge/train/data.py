@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..errors import LlamaforgeError
+from .._fs import loads_json
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -94,38 +95,94 @@ class DataReport:
 # ---------------------------------------------------------------------------------------------------------------
 # Reading records
 
+# A record is a conversation or a document: 16 MiB of JSON is far beyond any context window, and a longer line
+# (a crafted 100 MB record, /dev/zero) would only be read into memory to be refused by the tokenizer later.
+MAX_RECORD_BYTES = 16 << 20
+MAX_ARRAY_FILE_BYTES = 512 << 20   # a .json array is parsed whole; JSONL files are streamed and unbounded
+
+
 def iter_records(path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, parsed JSON or None, error or None) for a .jsonl file or a .json array (1-based numbers)."""
+    """(line number, parsed JSON or None, error or None) for a .jsonl file or a .json array (1-based numbers).
+
+    JSONL is read line by line, each line bounded by MAX_RECORD_BYTES (a longer one is a DatasetError even with
+    skip-bad: a stream without newlines would otherwise never end)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        f = open(path, "rb")
     except OSError as e:
         raise DatasetError(path, None, f"cannot read: {e.strerror or e}") from None
+    with f:
+        head = f.read(4096)
+        if not head.lstrip():
+            rest = f.read(MAX_RECORD_BYTES)
+            if not rest.strip():
+                raise DatasetError(path, None, "the file is empty")
+            head += rest
+        if head.lstrip().startswith(b"["):
+            yield from _iter_array(path, head + _read_rest(f, path, MAX_ARRAY_FILE_BYTES - len(head)))
+            return
+        yield from _iter_lines(path, f, head)
+
+
+def _read_rest(f, path, limit: int) -> bytes:
+    data = f.read(max(0, limit) + 1)
+    if len(data) > limit:
+        raise DatasetError(path, None, f"a JSON array file is larger than {MAX_ARRAY_FILE_BYTES >> 20} MiB; "
+                                       "use JSONL (one record per line), which is read as a stream")
+    return data
+
+
+def _decode(path, raw: bytes, line: int) -> str:
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DatasetError(path, line, "not valid UTF-8") from None
-    stripped = text.lstrip()
-    if not stripped:
-        raise DatasetError(path, None, "the file is empty")
-    if stripped.startswith("["):
-        # A JSON array (Alpaca's own file format): report positions as the record's line in the file.
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DatasetError(path, e.lineno, f"invalid JSON: {e.msg}") from None
-        lines = _array_item_lines(text, len(data))
-        for i, rec in enumerate(data):
-            yield lines[i], rec, None
-        return
-    for no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield no, json.loads(line), None
-        except json.JSONDecodeError as e:
-            yield no, None, f"malformed JSON ({e.msg} at column {e.colno})"
+        raise DatasetError(path, line + raw[:e.start].count(b"\n"), "not valid UTF-8") from None
+
+
+def _iter_array(path, raw: bytes):
+    text = _decode(path, raw, 1)
+    # A JSON array (Alpaca's own file format): report positions as the record's line in the file.
+    try:
+        data = loads_json(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+    if not isinstance(data, list):
+        raise DatasetError(path, None, "a .json dataset must be an array of records")
+    lines = _array_item_lines(text, len(data))
+    for i, rec in enumerate(data):
+        yield lines[i], rec, None
+
+
+def _iter_lines(path, f, head: bytes):
+    buf = head
+    no = 0
+    while True:
+        nl = buf.find(b"\n")
+        while nl < 0 and len(buf) <= MAX_RECORD_BYTES:
+            more = f.read(min(1 << 20, MAX_RECORD_BYTES + 1 - len(buf)) or 1)
+            if not more:
+                break
+            buf += more
+            nl = buf.find(b"\n", max(0, len(buf) - len(more) - 1))
+        if nl < 0 and len(buf) > MAX_RECORD_BYTES:
+            raise DatasetError(path, no + 1, f"record is longer than {MAX_RECORD_BYTES >> 20} MiB")
+        if nl < 0:
+            line, buf = buf, b""
+        else:
+            line, buf = buf[:nl], buf[nl + 1:]
+        no += 1
+        if len(line) > MAX_RECORD_BYTES:
+            raise DatasetError(path, no, f"record is longer than {MAX_RECORD_BYTES >> 20} MiB")
+        if line.strip():
+            text = _decode(path, line, no)
+            try:
+                rec = loads_json(text)
+            except json.JSONDecodeError as e:
+                yield no, None, f"malformed JSON ({e.msg} at column {e.colno})"
+            else:
+                yield no, rec, None
+        if nl < 0:
+            return
 
 
 def _array_item_lines(text: str, n: int) -> list[int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .._fs import atomic_write_text
+from .._fs import atomic_write_text, loads_json
 from ..errors import InvalidRequestError
 from .config import TrainConfig
 from .data import DataReport, DatasetError, Example, load_dataset
@@ -144,7 +144,7 @@ def _resume_round(rdir: Path, lm, strategy, result: TrainResult) -> bool:
     if not f.is_file():
         return False
     from .lora import ADAPTER_WEIGHTS, load_adapter, lora_modules
-    stats = json.loads(f.read_text())
+    stats = loads_json(f.read_text())
     if stats.get("steps"):
         if not (rdir / ADAPTER_WEIGHTS).is_file():
             return False

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._fs import atomic_write_bytes, atomic_write_text, read_bounded
+from .._fs import atomic_write_bytes, atomic_write_text, read_bounded, loads_json
 from ..errors import InvalidRequestError, ModelFormatError
 from .data import Example, collate_preference
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, adapter_config, lora_state_dict
@@ -132,7 +132,7 @@ def read_reward_meta(path) -> dict:
         raise ModelFormatError(d, f"not a reward model directory ({META_FILE} is missing; train one with "
                                   "`llamaforge finetune rm`)")
     try:
-        meta = json.loads(read_bounded(f, _MAX_META).decode("utf-8"))
+        meta = loads_json(read_bounded(f, _MAX_META).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ModelFormatError(f, f"not valid JSON: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != "llamaforge-reward-model" or meta.get("version") != 1:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import math
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .._fs import read_text_bounded
+from .._fs import read_text_bounded, loads_json
 from ..errors import InvalidRequestError
 
 MAX_SCHEMA_BYTES = 1 << 20
@@ -61,7 +60,7 @@ class JsonSchemaReward(Reward):
     def __init__(self, path: str):
         import jsonschema
         try:
-            schema = json.loads(read_text_bounded(path, MAX_SCHEMA_BYTES, "JSON schema"))
+            schema = loads_json(read_text_bounded(path, MAX_SCHEMA_BYTES, "JSON schema"))
         except ValueError as e:
             raise InvalidRequestError(f"reward schema {path}: not valid JSON ({e})", field="reward") from None
         if not isinstance(schema, (dict, bool)):
@@ -78,7 +77,7 @@ class JsonSchemaReward(Reward):
 
     def __call__(self, prompt, completion, record):
         try:
-            value = json.loads(completion)
+            value = loads_json(completion)
         except ValueError:
             return 0.0
         return 1.0 if self.validator.is_valid(value) else 0.0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .._fs import atomic_file, atomic_write_text
+from .._fs import atomic_file, atomic_write_text, loads_json
 from ..errors import InvalidRequestError
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -246,7 +246,7 @@ class Trainer:
         keep = []
         for line in self.metrics_path.read_text().splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                if json.loads(line)["step"] <= step:
+                if loads_json(line)["step"] <= step:
                     keep.append(line)
         _atomic_text(self.metrics_path, "".join(k + "\n" for k in keep))
 
@@ -412,7 +412,7 @@ def plot_metrics(metrics_path: Path, png: Path) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = [loads_json(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)

@@ -8,13 +8,13 @@ Result carries `tool_calls` and finish_reason "tool_calls" (a call cut by max_to
 """
 from __future__ import annotations
 
-import json
 import re
 import secrets
 
 from ...tokenizer.tool_format import ToolSyntax
 from ..stage import Delta, OutputFilter
 from .processor import Channel
+from ..._fs import loads_json
 
 _WS = " \t\r\n"
 
@@ -146,7 +146,7 @@ class ToolCallFilter(OutputFilter):
                 m = self._header.search(self.calls_text, self._pos)
                 if not m:
                     return out
-                name = json.loads(f'"{m.group(1)}"')
+                name = loads_json(f'"{m.group(1)}"')
                 call = {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": ""}}
                 self.calls.append(call)
                 out.append(Delta(tool_calls=[{"index": len(self.calls) - 1, "id": call["id"], "type": "function",

@@ -1,12 +1,12 @@
 """Checks of a request's tools, tool_choice and tool messages (each failure names the caller's field)."""
 from __future__ import annotations
 
-import json
 import re
 
 from ...errors import InvalidRequestError
 from ..constraints import schema as schemas
 from ..request import GenerationRequest, Tool
+from ..._fs import loads_json
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # the rule OpenAI applies to function names
 MAX_TOOLS = 128
@@ -80,7 +80,7 @@ def check_tool_messages(req: GenerationRequest, messages: list[dict]) -> None:
                 args = fn.get("arguments", "{}")
                 if isinstance(args, str):
                     try:
-                        args = json.loads(args) if args.strip() else {}
+                        args = loads_json(args) if args.strip() else {}
                     except ValueError:
                         raise InvalidRequestError(f"{cw}.function.arguments is not valid JSON",
                                                   field=f"{cw}.function.arguments") from None
