@@ -417,7 +417,8 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                     help="comma list: llamaforge[:QUANT] (QUANT: none, bf16, int8, q4), llama.cpp, hf-fp32, hf-bf16")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", "-t", type=int, default=None,
+                    help="threads for every side (default: llamaforge's default, one per usable core)")
     ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: the SmolLM2-135M Q4_1 file)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity column")
@@ -427,6 +428,9 @@ def main(argv=None, prog: str | None = None) -> int:
     ap.add_argument("--task", help=argparse.SUPPRESS)
     ap.add_argument("--ids-file", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.threads is None:
+        from llamaforge.threads import default_threads
+        a.threads = default_threads()
     path = a.model or smollm2_gguf()
     if a.reps < 1 or a.threads < 1:
         ap.error("--reps and --threads must be >= 1")

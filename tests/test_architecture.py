@@ -23,7 +23,7 @@ import llamaforge
 
 PACKAGE = "llamaforge"
 FLOORS = {
-    "config": 0, "errors": 0, "_fs": 0, "gguf_header": 0,
+    "config": 0, "errors": 0, "_fs": 0, "gguf_header": 0, "threads": 0,
     "model": 1, "tokenizer": 1,
     "formats": 2,
     "generate": 3, "train": 3, "store": 3,

@@ -138,3 +138,21 @@ def test_merge_command_and_errors(tmp_path, hf_dir, pretok):
     r = subprocess.run(_cmd("sft", "--model", hf_dir, "--data", bad, "--out", tmp_path / "x", "--max-steps", 1,
                             "--lr", "-1"), env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "lr" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_finetune_prints_log_lines_when_stderr_is_not_a_terminal(tmp_path, hf_dir, pretok):
+    """Issue 19: with stderr piped (a log file, CI) the progress bar is off, so each logged step is a plain line
+    whose loss is the one written to metrics.jsonl."""
+    out = tmp_path / "logged"
+    r = subprocess.run(_cmd("sft", "--model", hf_dir, "--data", pretok, "--out", out, "--max-steps", 4,
+                            "--log-every", 2, "--lr", "5e-3", "--eval-split", 4), env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert any(line.startswith(f"training 4 steps -> {out}") for line in lines), r.stderr
+    steps = [line.split() for line in lines if line.startswith("step ")]
+    assert [s[1] for s in steps] == ["2/4", "4/4"], r.stderr
+    logged = [float(s[s.index("loss") + 1]) for s in steps]
+    assert logged == pytest.approx(_losses(out), abs=1e-4)
+    assert all("tok/s" in s for s in steps)
+    assert any(line.startswith("eval eval_loss ") for line in lines), r.stderr

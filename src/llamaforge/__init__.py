@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from .errors import (ConfigError, ContextLengthError, InvalidRequestError, LlamaforgeError, ModelFormatError,
                      ModelNotFoundError, StoreError, TemplateError, TokenizerError)
+from .threads import prepare_openmp as _prepare_openmp
+
+_prepare_openmp()  # before anything imports torch: libgomp reads its wait policy once, when it loads
 
 __version__ = "0.1.0"
 

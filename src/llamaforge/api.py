@@ -51,7 +51,8 @@ class LoadedModel(_LoadedModel):
 
 
 def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         quant: str | None = None, compile: bool | str = "auto", **kwargs) -> LoadedModel:
+         quant: str | None = None, compile: bool | str = "auto", threads: int | None = None,
+         **kwargs) -> LoadedModel:
     """Load by store name (e.g. "smollm2") or path (GGUF file, HF directory, Meta checkpoint directory).
 
     dtype: activation/weight dtype for dequantized weights (default float32 on CPU).
@@ -59,22 +60,59 @@ def load(path_or_name, *, dtype: torch.dtype | str | None = None, device: str | 
     compile: the AOT-compiled decode step (llamaforge.generate.compiled) for quantized CPU models: "auto" uses a
         cached one and otherwise builds it in a background process for next time; True builds it now if missing
         (30-120 s); False never uses it. LLAMAFORGE_COMPILE=0 turns it off.
+    threads: CPU threads for this process (PyTorch's thread count is process-wide); None uses the model's stored
+        `num_thread` parameter if it has one, else keeps the current count, lowered to the usable cores
+        (`llamaforge.threads`). Set before the compiled step is chosen: its code is built per thread count.
     """
     from .formats.load import load_model
     from .store import Resolved, resolve
     # A store.Resolved (what the server resolved by name) is used as is; anything else is resolved here.
     ref = path_or_name if isinstance(path_or_name, Resolved) else resolve(path_or_name)
-    if quant is None and dtype is None and not (ref.defaults or {}).get("adapter"):
-        quant = "auto"  # the fast in-memory format for this file (model.quant.default_quant); adapters need dense
+    _set_threads(threads, ref)
+    adapter = (ref.defaults or {}).get("adapter")
+    repack = None
+    if quant is None and dtype is None:
+        # The fast in-memory format for this file (model.quant.default_quant). A store model with an adapter is
+        # loaded dense, the adapter merged in float32, then packed again into that same format (below).
+        quant = "auto"
+        if adapter:
+            quant, repack = None, "auto"
     lm = LoadedModel.wrap(load_model(ref.path, dtype=dtype, device=device, quant=quant, **kwargs))
     lm.name = ref.name
     lm.defaults = dict(ref.defaults or {})
-    if lm.defaults.get("adapter"):
+    if adapter:
         # A store model created with `--adapter`: a PEFT LoRA adapter directory applied on top of the base.
-        lm.apply_adapter(lm.defaults["adapter"])
+        lm.apply_adapter(adapter)
+        if repack is not None:
+            _repack(lm, device)
     if compile and (lm.metadata.get("quant") or "none") != "none":
         lm.attach_compiled(build_missing=True if compile is True else "background")
     return lm
+
+
+def _repack(lm, device) -> None:
+    """Merged adapter -> the base file's fast format (int4 groups of 32 for Q4_0/Q4_1 files, int8 rows for other
+    quantized files): the fine-tuned model keeps the packed base's speed and its compiled step (the weights are
+    the step's inputs, so it shares the base's artifact). Measured in bench/NOTES.md (fine-tuned fast path)."""
+    from .formats.repack import repack_merged
+    from .model.quant import resolve_quant
+    target = resolve_quant("auto", None, device, lm.metadata.get("file_type"))
+    if target not in ("q4", "int8"):
+        return
+    repack_merged(lm.model, target, device=device)
+    lm.metadata["quant"] = getattr(lm.model, "_quant", target)
+    lm.metadata["repacked_after_adapter"] = True
+
+
+def _set_threads(threads, ref) -> None:
+    from .threads import apply_threads, limit_to_usable_cores, parse_threads
+    stored = ((ref.defaults or {}).get("options") or {}).get("num_thread")
+    if threads is not None:
+        apply_threads(parse_threads(threads))
+    elif stored is not None:
+        apply_threads(parse_threads(stored, "num_thread"))
+    else:
+        limit_to_usable_cores()
 
 
 # Features above the seam's floor register their stages here, so every front end (all above this module) runs them.

@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llamaforge compile", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", nargs="?", default="smollm2", help="store name or path (default: smollm2)")
     ap.add_argument("--quant", default=None, help="in-memory format to compile for (default: the model's default)")
-    ap.add_argument("--threads", type=int, default=None, help="threads the step will run with (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads the step will run with (default: what run/serve use, one per usable core)")
     ap.add_argument("--force", action="store_true", help="rebuild even when a compiled step is cached")
     # The background build process (generate.compiled starts it): where to write, the lock it releases, priority.
     hidden = argparse.SUPPRESS
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..api import load
     from ..generate import compiled
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    from ..threads import apply_threads
+    apply_threads(a.threads)
     t0 = time.perf_counter()
     lm = load(a.model, quant=a.quant, compile=False)
     if (lm.metadata.get("quant") or "none") == "none":
@@ -55,10 +56,41 @@ def main(argv: list[str] | None = None) -> int:
     if path.exists() and not a.force:
         print(f"compiled decode step for {a.model}: {path} (cached)")
         return 0
-    compiled.build(lm.model, path)
+    with _Progress(f"compiling the decode step for {a.model} ({torch.get_num_threads()} threads, "
+                   "about 1-2 min on 2 cores)"):
+        compiled.build(lm.model, path)
     print(f"compiled decode step for {a.model}: {path} ({time.perf_counter() - t0:.0f} s, "
           f"{torch.get_num_threads()} threads)")
     return 0
+
+
+class _Progress:
+    """A progress line with the elapsed time, redrawn every second on a terminal; a start line otherwise."""
+
+    def __init__(self, text: str):
+        self.text, self.tty = text, sys.stderr.isatty()
+
+    def __enter__(self):
+        import threading
+        self.t0, self.done = time.perf_counter(), threading.Event()
+        if not self.tty:
+            print(self.text + " ...", file=sys.stderr, flush=True)
+            return self
+        self.thread = threading.Thread(target=self._tick, daemon=True)
+        self.thread.start()
+        return self
+
+    def _tick(self):
+        while not self.done.wait(1.0 if time.perf_counter() - self.t0 > 0.1 else 0.0):
+            sys.stderr.write(f"\r\033[K{self.text}: {time.perf_counter() - self.t0:.0f} s")
+            sys.stderr.flush()
+
+    def __exit__(self, *exc):
+        self.done.set()
+        if self.tty:
+            self.thread.join()
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
 
 
 def _build_step(a) -> int:

@@ -1,4 +1,4 @@
-"""`llamaforge convert MODEL --to hf|gguf --out PATH [--type f32|f16|bf16|q8_0] [--force]`.
+"""`llamaforge convert MODEL --to hf|gguf --out PATH [--type f32|f16|bf16|q8_0|q4_0|q4_1] [--force]`.
 
 The conversion itself is `llamaforge.formats.convert` (shared with `finetune merge`); this module resolves a store
 name to its files and reports.
@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="store name, GGUF file, HF directory or Meta directory")
     p.add_argument("--to", required=True, choices=("hf", "gguf"), help="output format")
     p.add_argument("--out", required=True, help="output directory (hf) or file (gguf); its parent must exist")
-    p.add_argument("--type", default=None, choices=("f32", "f16", "bf16", "q8_0"),
-                   help="weight type: f32 | f16 (default) | q8_0 (gguf only) | bf16 (hf only)")
+    p.add_argument("--type", default=None, choices=("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"),
+                   help="weight type: f32 | f16 (default) | q8_0, q4_0, q4_1 (gguf only) | bf16 (hf only)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

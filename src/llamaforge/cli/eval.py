@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from ..errors import InvalidRequestError, LlamaforgeError
+from .flags import add_threads_flag, apply_threads_flag
 
 SUBCOMMANDS = ("perplexity", "run", "compare", "tasks", "export", "lm-eval")
 
@@ -30,6 +31,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="sequences per forward / requests decoded together")
     p.add_argument("--server", metavar="URL", help="evaluate this running server instead of loading MODEL")
     p.add_argument("--api-key", help="API key for --server")
+    add_threads_flag(p)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +73,8 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "lm-eval":
         return _lm_eval(argv[1:])
     args = _parser().parse_args(argv)
+    if getattr(args, "model", None) is not None and not getattr(args, "server", None):
+        apply_threads_flag(args)
     return {"perplexity": _perplexity, "run": _run, "compare": _compare, "tasks": _tasks,
             "export": _export}[args.sub](args)
 
@@ -82,7 +86,8 @@ def _progress(total: int, desc: str):
 
 def _load(spec: str, args, quant=None):
     import llamaforge
-    return llamaforge.load(spec, dtype=args.dtype, quant=quant if quant is not None else args.quant)
+    return llamaforge.load(spec, dtype=args.dtype, quant=quant if quant is not None else args.quant,
+                           threads=args.threads)
 
 
 def _out_dir(args) -> Path:

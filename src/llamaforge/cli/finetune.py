@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .flags import add_threads_flag
+
 TASK_HELP = {
     "sft": "supervised fine-tuning",
     "dpo": "direct preference optimization (pairs)",
@@ -97,6 +99,8 @@ def _train_parser(task: str) -> argparse.ArgumentParser:
     a("--gradient-checkpointing", action="store_const", const=True)
     a("--precision", choices=["auto", "fp32", "bf16"])
     a("--device", help="auto (default), cpu, cuda, cuda:N")
+    add_threads_flag(p, "CPU threads per process (default: $LLAMAFORGE_NUM_THREADS or $OMP_NUM_THREADS, else "
+                        "the usable cores divided among torchrun's local processes)")
     a("--log-every", type=int)
     return p
 
@@ -108,16 +112,20 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="PEFT adapter directory")
     p.add_argument("--out", required=True, help="output: HF directory, or a .gguf file")
     p.add_argument("--to", choices=["hf", "gguf"], help="output format (default: gguf if --out ends in .gguf)")
-    p.add_argument("--gguf-type", choices=["f16", "f32", "q8_0"], default="f16")
+    p.add_argument("--gguf-type", "--type", dest="gguf_type", choices=["f16", "f32", "q8_0", "q4_0", "q4_1"],
+                   default="f16", help="GGUF weight type (default f16); q4_0/q4_1/q8_0 run in llama.cpp and "
+                                       "Ollama as they are")
+    add_threads_flag(p)
     return p
 
 
 def _train(task: str, argv: list[str]) -> int:
     from ..train.config import TrainConfig
     args = _train_parser(task).parse_args(argv)
+    _apply_train_threads(args.threads)
     settings = TrainConfig.from_file(args.config) if args.config else {}
     settings = {str(k).replace("-", "_"): v for k, v in settings.items()}
-    settings.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    settings.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "threads")})
     settings["task"] = task
     cfg = TrainConfig.from_dict(settings, source=args.config or "options").validate()
     from ..train.jobs import train
@@ -140,9 +148,21 @@ def _train(task: str, argv: list[str]) -> int:
     return 0
 
 
+def _apply_train_threads(threads: int | None) -> None:
+    # torchrun starts LOCAL_WORLD_SIZE processes on this machine: each gets its share of the cores.
+    import os
+
+    from ..threads import apply_threads, default_threads, usable_cores
+    if threads is None and not (os.environ.get("LLAMAFORGE_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        threads = max(1, usable_cores() // local) if local > 1 else default_threads()
+    apply_threads(threads)
+
+
 def _merge(argv: list[str]) -> int:
     from pathlib import Path
     args = _merge_parser().parse_args(argv)
+    _apply_train_threads(args.threads)
     from ..formats import convert
     from ..train.lora import LoRALinear, apply_adapter, merge_lora, read_adapter_config
     from ..train.base_model import load_base_model

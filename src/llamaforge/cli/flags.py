@@ -15,10 +15,37 @@ FLAG_FOR_FIELD = {
 
 
 def add_load_flags(p: argparse.ArgumentParser) -> None:
-    """--dtype / --quant: how the weights are held in memory (default: the fast packed format for the file)."""
+    """--dtype / --quant: how the weights are held in memory (default: the fast packed format for the file);
+    --threads."""
     p.add_argument("--dtype", metavar="DTYPE", help="float32, bfloat16 or float16 dense weights "
                                                    "(float32 gives reference-exact results)")
     p.add_argument("--quant", metavar="Q", help="in-memory weight format: auto (default), none, q4, int8, bf16")
+    add_threads_flag(p)
+
+
+THREADS_HELP = ("CPU threads (default: the model's num_thread parameter, else $LLAMAFORGE_NUM_THREADS or "
+                "$OMP_NUM_THREADS, else one per core this process may use)")
+
+
+def threads_value(text: str) -> int:
+    """argparse type for --threads: a whole number in 1..1024, else a usage error naming the flag."""
+    from ..errors import InvalidRequestError
+    from ..threads import parse_threads
+    try:
+        return parse_threads(text, "--threads")
+    except InvalidRequestError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--threads ", "", 1)) from None
+
+
+def add_threads_flag(p: argparse.ArgumentParser, help_text: str = THREADS_HELP) -> None:
+    """--threads N (llama.cpp's -t, Ollama's num_thread)."""
+    p.add_argument("--threads", "-t", type=threads_value, metavar="N", help=help_text)
+
+
+def apply_threads_flag(args: argparse.Namespace) -> int:
+    """Set this process's thread count from --threads (or the default) before anything heavy runs."""
+    from ..threads import apply_threads
+    return apply_threads(getattr(args, "threads", None))
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -107,15 +134,18 @@ def constraint_from_args(args: argparse.Namespace) -> tuple[dict, str | None]:
     return {}, None
 
 
-def load_model(name: str, *, dtype: str | None = None, quant: str | None = None):
-    """Load by store name or path, with a status line on stderr only when stderr is a terminal."""
+def load_model(name: str, *, dtype: str | None = None, quant: str | None = None, threads: int | None = None):
+    """Load by store name or path, with a status line on stderr only when stderr is a terminal. Threads: --threads,
+    else the model's num_thread parameter, else the default (`llamaforge.threads.default_threads`)."""
     import llamaforge
+    from ..threads import apply_threads
+    apply_threads(threads)
     tty = sys.stderr.isatty()
     if tty:
         sys.stderr.write(f"loading {name} ...")
         sys.stderr.flush()
     try:
-        return llamaforge.load(name, dtype=dtype, quant=quant)
+        return llamaforge.load(name, dtype=dtype, quant=quant, threads=threads)
     finally:
         if tty:
             sys.stderr.write("\r\033[K")

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         return 1
     sampling.update(constraint)
     prompt = read_stdin() if args.prompt == "-" else args.prompt
-    lm = load_model(args.model, dtype=args.dtype, quant=args.quant)
+    lm = load_model(args.model, dtype=args.dtype, quant=args.quant, threads=args.threads)
     from ..generate.api import generate, stream
     if args.json:
         c = generate(lm, prompt, **sampling)

@@ -292,7 +292,7 @@ def main(argv: list[str]) -> int:
         text = read_stdin().strip()
         demo = not text
         text = text or DEMO_PROMPT
-    lm = load_model(args.model, dtype=args.dtype, quant=args.quant)
+    lm = load_model(args.model, dtype=args.dtype, quant=args.quant, threads=args.threads)
     if demo and "temperature" not in sampling and "temperature" not in ((lm.defaults or {}).get("options") or {}):
         sampling["temperature"] = 0.0  # the demo answer is reproducible
     system = args.system if args.system is not None else (lm.defaults or {}).get("system")

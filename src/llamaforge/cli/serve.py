@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..errors import LlamaforgeError
+from .flags import add_threads_flag, apply_threads_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None,
                    help="in-memory weight format (default: the fast packed format for the file; 'none' keeps "
                         "dense weights, whose batched results match single-request results exactly)")
+    add_threads_flag(p, "CPU threads for every model (default: a model's num_thread parameter, else "
+                        "$LLAMAFORGE_NUM_THREADS or $OMP_NUM_THREADS, else one per core this process may use)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     # Safety shields for every request (issue 15); a request's own `guards` field overrides them.
     p.add_argument("--guard-input", action="store_true", help="classify each prompt first; unsafe ones are "
@@ -98,14 +101,14 @@ def main(argv: list[str]) -> int:
                           max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, max_body=args.max_body,
                           allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
                           load_on_demand=not args.no_load_on_demand, max_loaded=args.max_loaded, dtype=args.dtype,
-                          quant=args.quant, max_connections=args.max_connections, exit_on_load_failure=True,
-                          guards=_guards(args), allow_pull_from=allow_pull)
+                          quant=args.quant, threads=args.threads, max_connections=args.max_connections,
+                          exit_on_load_failure=True, guards=_guards(args), allow_pull_from=allow_pull)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llamaforge.server")
     if not is_loopback_host(args.host):
         log.warning("binding %s exposes the server beyond this machine%s", args.host,
                     "" if api_key else "; set --api-key (or LLAMAFORGE_API_KEY) to require a key")
-    _limit_threads()
+    log.info("CPU threads: %d", apply_threads_flag(args))
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     log.info("web chat page: http://%s:%d/ui", f"[{shown}]" if ":" in shown else shown, args.port)
     try:
@@ -148,9 +151,3 @@ def _guards(args):
     return Guards(input=args.guard_input, output=args.guard_output, code=args.code_shield, model=args.guard_model)
 
 
-def _limit_threads() -> None:
-    # One model thread does the compute; more intra-op threads than cores only adds contention.
-    import torch
-    n = os.cpu_count() or 1
-    if torch.get_num_threads() > n:
-        torch.set_num_threads(n)

@@ -58,6 +58,17 @@ def cmd_list(args, store) -> int:
     return 0
 
 
+def _in_memory(file_quant: str | None, adapter: bool) -> str:
+    """What `llamaforge.load` holds in memory by default for a file of this quantization (model.quant)."""
+    from ..model.quant import default_quant
+    q = default_quant("cpu", file_quant if file_quant and file_quant != "unknown" else None)
+    text = {"q4": "q4 (int4 groups of 32, bf16 activations)", "int8": "int8 (per-row scales, bf16 activations)",
+            "bf16": "bf16", "none": "float32 (dense)"}.get(q, q)
+    if adapter:
+        text += ", adapter merged" + (" then re-packed" if q in ("q4", "int8") else "")
+    return text
+
+
 def cmd_show(args, store) -> int:
     ref = store.resolve(args.model)
     info = inspect_model(ref.path)
@@ -65,6 +76,7 @@ def cmd_show(args, store) -> int:
     out = {"name": ref.name, "path": str(ref.path), **info,
            "system": d.get("system"), "options": d.get("options") or {}, "adapter": d.get("adapter"),
            "messages": d.get("messages") or []}
+    out["in_memory"] = _in_memory(out.get("quantization"), bool(d.get("adapter")))
     if d.get("template"):
         out["template"] = d["template"]   # the manifest's template replaces the model's own
     if d.get("license"):
@@ -92,7 +104,8 @@ def cmd_show(args, store) -> int:
     lines = ["  Model"]
     fields = [("name", out["name"]), ("architecture", out["architecture"]),
               ("parameters", human_count(out["parameters"]) if out.get("parameters") else None),
-              ("quantization", out["quantization"]), ("context length", out["context_length"]),
+              ("quantization", out["quantization"]), ("in memory", out["in_memory"]),
+              ("context length", out["context_length"]),
               ("embedding length", out["embedding_length"]), ("layers", out.get("layers")),
               ("format", out["format"]), ("path", out["path"])]
     lines += [f"    {k:<20}{v}" for k, v in fields if v is not None]

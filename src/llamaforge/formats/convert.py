@@ -26,7 +26,7 @@ from .._fs import loads_json, read_bounded
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                       "generation_config.json", "chat_template.jinja", "added_tokens.json")
-TYPES = {"hf": ("f32", "f16", "bf16"), "gguf": ("f32", "f16", "q8_0")}
+TYPES = {"hf": ("f32", "f16", "bf16"), "gguf": ("f32", "f16", "q8_0", "q4_0", "q4_1")}
 
 
 def _warn(msg: str) -> None:

@@ -1,4 +1,4 @@
-"""Write a Llama model as GGUF (F32, F16 or Q8_0) with the `gguf` package's writer, atomically.
+"""Write a Llama model as GGUF (F32, F16, Q8_0, Q4_0 or Q4_1) with the `gguf` package's writer, atomically.
 
 Layout follows llama.cpp's converter: HF names -> GGUF names, q/k rows re-permuted to the interleaved rotary
 layout (`permute_qk`, the inverse of what the reader undoes), 1-D tensors (norms, biases) kept in F32,
@@ -19,7 +19,10 @@ from ..model.rope import llama3_freq_factors, permute_qk
 from .._fs import atomic_file
 from .gguf_names import hf_to_gguf_name
 
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}   # llama.cpp LlamaFileType values
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}   # llama.cpp LlamaFileType values
+# In 4-bit files the embedding table and the output head stay Q8_0: they set what every logit sees (llama.cpp's
+# quantizer likewise keeps them at higher precision); every other matrix uses the file's type.
+_KEEP_Q8_IN_4BIT = ("token_embd.weight", "output.weight")
 
 # Value types of well-known tokenizer keys (the reader returns plain Python values, so types must be restored).
 _KEY_TYPES = {
@@ -65,9 +68,10 @@ def _tensor_data(name: str, t: torch.Tensor, file_type: str):
         return a, None
     if file_type == "f16":
         return a.astype(np.float16), None
-    if a.shape[-1] % 32:  # Q8_0 blocks are 32 values of a row; odd rows stay F16 as llama.cpp does
+    if a.shape[-1] % 32:  # Q8_0/Q4_x blocks are 32 values of a row; odd rows stay F16 as llama.cpp does
         return a.astype(np.float16), None
-    return quantize(a, Q.Q8_0), Q.Q8_0
+    qtype = Q.Q8_0 if file_type == "q8_0" or name in _KEEP_Q8_IN_4BIT else Q[file_type.upper()]
+    return quantize(a, qtype), qtype
 
 
 def _tokenizer_mapping(tok):
@@ -117,7 +121,7 @@ def write_gguf(path, config: ModelConfig, state_dict: Mapping[str, torch.Tensor]
             w.add_key_length(config.head_dim)
             w.add_value_length(config.head_dim)
         w.add_file_type(FILE_TYPES[file_type])
-        if file_type == "q8_0":
+        if file_type in ("q8_0", "q4_0", "q4_1"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         rs = config.rope_scaling
         if rs is not None and rs.rope_type == "linear":

@@ -9,6 +9,8 @@ once it lands.
 
     lm = llamaforge.load(path)             # attaches lm.compiled when an artifact is cached, else builds one
     logits = decode_one(lm, token_id, cache, pos)   # compiled when possible, else the eager model
+
+Starting a background build says so in one line on stderr (it costs CPU while it runs, ~1 GB of memory).
 """
 from __future__ import annotations
 
@@ -95,8 +97,9 @@ def attach(lm, *, build_missing: bool | str = "background") -> aot.CompiledDecod
     if not path.exists():
         if build_missing is True:
             build(model, path)
-        elif (build_missing == "background" and lm.path is not None and not (lm.defaults or {}).get("adapter")
-              and not _failed_recently(path)):
+        elif build_missing == "background" and lm.path is not None and not _failed_recently(path):
+            # A fine-tuned model re-packed after merging its adapter has the base's signature: the build process
+            # compiles from the base file, and the artifact serves both (weights are the step's inputs).
             _start_background_build(lm, path)
             lm._compiled_pending = [path, time.monotonic() + _POLL_S]
             return None
@@ -169,6 +172,18 @@ def _failed_recently(path: Path) -> bool:
         return False
 
 
+def _display_name(lm) -> str:
+    return lm.name or (Path(lm.path).name if lm.path is not None else "this model")
+
+
+def _announce(lm, pid: int, threads: int) -> None:
+    # One line, so that a slower first answer and a busy CPU are not a mystery (issue 19).
+    print(f"llamaforge: building the compiled decode step for {_display_name(lm)} ({threads} threads) in the background "
+          f"(pid {pid}, idle priority, ~1-2 min); decoding eagerly until it is ready. `llamaforge ps` lists "
+          "builds, `llamaforge compile` builds it up front, LLAMAFORGE_COMPILE=0 turns it off.",
+          file=sys.stderr, flush=True)
+
+
 def _start_background_build(lm, path: Path) -> None:
     lock = path.with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,14 +200,16 @@ def _start_background_build(lm, path: Path) -> None:
     except FileExistsError:
         return
     quant = lm.metadata.get("quant") or "none"
+    threads = torch.get_num_threads()
     cmd = [sys.executable, "-m", BUILD_MODULE, "--build-step", str(lm.path), "--quant", quant,
-           "--threads", str(torch.get_num_threads()), "--out", str(path), "--lock", str(lock), "--idle"]
+           "--threads", str(threads), "--out", str(path), "--lock", str(lock), "--idle"]
     log = open(path.with_suffix(".log"), "wb")
     # No preexec_fn (unsafe in threaded servers): the child lowers its own priority.
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     log.close()
     os.write(fd, str(proc.pid).encode())
     os.close(fd)
+    _announce(lm, proc.pid, threads)
 
 
 # --------------------------------------------------------------------------------------------- listing

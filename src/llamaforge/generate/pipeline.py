@@ -18,7 +18,8 @@ from ..errors import ContextLengthError, InvalidRequestError, TemplateError, Tok
 from .chat_formats import chat_format
 from .engine import context_length as model_context_length, model_options
 from .request import CONSTRAINT_KINDS, TOOL_CHOICES, GenerationRequest
-from .sampling import LogitsProcessor, SamplingParams, check_number, check_token_ids, params_from_options
+from .sampling import (LOAD_TIME_OPTIONS, LogitsProcessor, SamplingParams, check_number, check_token_ids,
+                       params_from_options)
 from .stage import Output, PlanContext, Refusal, Stage
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -256,7 +257,7 @@ def _sampling(ctx: PlanContext, prompt_len: int, ctx_len: int, format_stops: tup
     if prompt_len >= ctx_len:
         raise ContextLengthError(prompt_len, ctx_len)
     try:
-        stored = params_from_options({k: v for k, v in (model_options(ctx.lm)).items() if k != "num_ctx"})
+        stored = params_from_options({k: v for k, v in model_options(ctx.lm).items() if k not in LOAD_TIME_OPTIONS})
     except InvalidRequestError as e:
         raise InvalidRequestError(f"the model's stored parameter is invalid: {e}", field=e.field) from None
     known = SamplingParams.field_names()

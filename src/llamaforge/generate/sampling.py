@@ -196,6 +196,8 @@ def _float(v: Any, name: str, lo: float | None = None, hi: float | None = None) 
 
 # Ollama-style option names (Modelfile PARAMETER, /set parameter, `create --param`) -> SamplingParams fields.
 OPTION_ALIASES = {"num_predict": "max_tokens"}
+# Stored model options that set how the model is loaded or served (threads, context window), not how it samples.
+LOAD_TIME_OPTIONS = frozenset({"num_thread", "num_ctx"})
 _OPTION_TYPES = {
     "max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
     "repeat_penalty": float, "presence_penalty": float, "frequency_penalty": float, "repeat_last_n": int,

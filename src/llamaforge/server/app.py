@@ -52,6 +52,7 @@ class ServerConfig:
     max_loaded: int = 2
     dtype: str | None = None
     quant: str | None = None               # in-memory weight format (llamaforge.load's `quant`); None = default
+    threads: int | None = None             # serve --threads: wins over a model's num_thread (process-wide)
     guards: Any = None                     # generate.request.Guards applied to every request (serve --guard-*)
     header_timeout: float = 10.0           # seconds a connection may take to send a request's headers
     keep_alive_timeout: float = 5.0        # seconds an idle keep-alive connection stays open

@@ -86,7 +86,8 @@ class ModelManager:
         if self._loader is not None:
             return self._loader(name)
         from ..api import load
-        kw = {k: v for k, v in (("dtype", self.config.dtype), ("quant", self.config.quant)) if v is not None}
+        kw = {k: v for k, v in (("dtype", self.config.dtype), ("quant", self.config.quant),
+                                ("threads", self.config.threads)) if v is not None}
         return load(name, **kw)
 
     def _add(self, name: str, lm, seconds: float, pinned: bool) -> ModelEntry:

@@ -87,7 +87,7 @@ OPTION_ALIASES = {"num_predict": "max_tokens", "repeat_last_n": "repeat_last_n"}
 _OPTION_TYPES = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "min_p": float,
                  "repeat_penalty": float, "presence_penalty": float, "frequency_penalty": float,
                  "repeat_last_n": int, "seed": int, "stop": list, "logprobs": int, "ignore_eos": bool,
-                 "num_ctx": int}
+                 "num_ctx": int, "num_thread": int}
 MAX_NUM_CTX = 1 << 20
 
 
@@ -152,6 +152,12 @@ def validate_options(opts: dict) -> dict:
             raise StoreError(f"parameter {given!r} must be {typ.__name__}, got {v!r}")
         if k == "max_tokens" and v in (-1, -2):
             continue  # Ollama: -1 = no limit, -2 = fill the context; the window bounds generation anyway
+        if k == "num_thread":
+            from ..threads import parse_threads
+            try:
+                parse_threads(v, "num_thread")
+            except LlamaforgeError as e:
+                raise StoreError(f"invalid parameter: {e}") from None
         out[k] = v
     if "num_ctx" in out and not (1 <= out["num_ctx"] <= MAX_NUM_CTX):
         raise StoreError(f"parameter {spelled['num_ctx']!r} must be between 1 and {MAX_NUM_CTX}, "

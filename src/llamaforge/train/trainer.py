@@ -329,6 +329,10 @@ class Trainer:
                     self.metrics_path.unlink()
             result = TrainResult(out=self.out, steps=start, data_report=self.report)
             bar = _progress(self.total_steps, start, enabled=d.is_main)
+            lines = d.is_main and bar is None  # no terminal (a log file, CI, a pipe): plain log lines instead
+            if lines:
+                _log_line(f"training {self.total_steps - start} steps"
+                          + (f" from step {start}" if start else "") + f" -> {self.out}")
             for step in range(start, self.total_steps):
                 t0 = time.perf_counter()
                 m = self.train_step(step)
@@ -347,11 +351,15 @@ class Trainer:
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
                 if bar is not None:
                     bar.update(1)
+                elif lines and ((step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps):
+                    _log_line(_step_line(m, self.total_steps))
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < self.total_steps:
                     self._save_checkpoint(step + 1)
             if bar is not None:
                 bar.close()
             result.eval = self.evaluate()
+            if lines and result.eval:
+                _log_line("eval " + " ".join(f"{k} {v:.4f}" for k, v in result.eval.items()))
             if d.is_main:
                 if result.eval:
                     _append_jsonl(self.metrics_path, {"step": self.total_steps, **result.eval})
@@ -369,6 +377,23 @@ def _progress(total: int, start: int, enabled: bool):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _step_line(m: dict, total: int) -> str:
+    """One step's metrics as a log line: `step 10/200 loss 1.2345 lr 2.00e-04 grad_norm 0.51 tok/s 812`."""
+    if "skipped" in m:
+        return f"step {m['step']}/{total} skipped ({m['skipped']})"
+    parts = [f"step {m['step']}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}"]
+    if "grad_norm" in m:
+        parts.append(f"grad_norm {m['grad_norm']:.3g}")
+    parts += [f"{k} {v:.4f}" for k, v in m.items() if k.startswith("eval_")]
+    parts.append(f"tok/s {m['tokens_per_s']:.0f}")
+    return " ".join(parts)
+
+
+def _log_line(text: str) -> None:
+    # Flushed at once: a user tailing a log file (or a CI job) sees each step as it ends.
+    print(text, file=sys.stderr, flush=True)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
