@@ -64,7 +64,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`llamaforge show smollm2 | head`): not an error of ours. Point stdout at devnull so
+        # the interpreter's own flush at exit does not raise again.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+    sys.exit(code)
 
 
 if __name__ == "__main__":
