@@ -226,7 +226,7 @@ def test_ollama_client(srv, lm):
     assert show.details.format == "gguf" and show.details.quantization_level == "Q4_1"
     assert show.modelinfo["llama.context_length"] == CTX and "im_start" in show.template
     ps = client.ps()
-    assert [m.model for m in ps.models] == ["smollm2"] and ps.models[0].context_length == CTX
+    assert [m.model for m in ps.models] == ["smollm2:latest"] and ps.models[0].context_length == CTX
     e = client.embed(model="smollm2", input=["hello", "world"])
     assert len(e.embeddings) == 2 and len(e.embeddings[0]) == lm.config.hidden_size
     assert math.isclose(sum(v * v for v in e.embeddings[0]), 1.0, rel_tol=1e-4)

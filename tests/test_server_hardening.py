@@ -226,7 +226,8 @@ def test_refusals_never_reveal_whether_a_file_exists(srv, tmp_path, monkeypatch,
                         ("/api/generate", lambda m: {"model": m, "prompt": "x", "stream": False}),
                         ("/api/show", lambda m: {"model": m}),
                         ("/api/create", lambda m: {"model": "probe", "from": m}),
-                        ("/api/create", lambda m: {"model": m, "from": "tiny"})):
+                        ("/api/create", lambda m: {"model": m, "from": "tiny"}),
+                        ("/api/pull", lambda m: {"model": m, "stream": False})):
         answers = []
         for name in (fill(existing), fill(missing)):
             r = httpx.post(srv.url + route, json=body(name))

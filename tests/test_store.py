@@ -408,7 +408,7 @@ def test_create_sets_defaults_and_load_sees_them(tmp_path):
 
 @pytest.mark.parametrize("params, match", [
     (["temperature=-1"], "temperature"), (["temperature=nan"], "temperature"), (["top_p=1.5"], "top_p"),
-    (["num_predict=0"], "max_tokens"), (["bogus=1"], "unknown parameter"), (["top_k=abc"], "top_k"),
+    (["num_predict=0"], "num_predict must be"), (["bogus=1"], "unknown parameter"), (["top_k=abc"], "top_k"),
     (["noequals"], "KEY=VALUE"),
 ])
 def test_create_rejects_bad_params(params, match):

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a browser Origin allowed to call the API (repeatable); loopback origins always are")
     p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
                    help="an extra Host name accepted on a loopback bind (repeatable)")
+    p.add_argument("--allow-pull-from", action="append", default=[], metavar="DIR",
+                   help="a directory whose model files /api/pull may add to the store (repeatable); without it "
+                        "pulls over HTTP take only Hugging Face repo ids and models already in the store")
     p.add_argument("--no-load-on-demand", action="store_true",
                    help="serve only the models named here (404 for others)")
     p.add_argument("--max-loaded", type=int, default=2, help="models kept in memory at once (default 2)")
@@ -86,12 +89,17 @@ def main(argv: list[str]) -> int:
     if args.max_connections is not None and args.max_connections < 1:
         print("llamaforge serve: --max-connections must be at least 1", file=sys.stderr)
         return 2
+    for d in args.allow_pull_from:
+        if not os.path.isdir(os.path.expanduser(d)):
+            print(f"llamaforge serve: --allow-pull-from {d}: not a directory", file=sys.stderr)
+            return 2
+    allow_pull = [os.path.abspath(os.path.expanduser(d)) for d in args.allow_pull_from]
     config = ServerConfig(models=models, host=args.host, port=args.port, api_key=api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, ctx=args.ctx, max_body=args.max_body,
                           allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
                           load_on_demand=not args.no_load_on_demand, max_loaded=args.max_loaded, dtype=args.dtype,
                           quant=args.quant, max_connections=args.max_connections, exit_on_load_failure=True,
-                          guards=_guards(args))
+                          guards=_guards(args), allow_pull_from=allow_pull)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llamaforge.server")
     if not is_loopback_host(args.host):

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from .._fs import read_bounded
-from ..errors import LlamaforgeError, ModelFormatError, StoreError
+from ..errors import StoreError
+from ..store.inspect import inspect_model
 
 
 # ------------------------------------------------------------------------------------------------------ formatting
@@ -45,72 +45,6 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("    ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
-# ------------------------------------------------------------------------------------------------------ inspection
-def inspect_model(path: Path) -> dict:
-    """Architecture facts of a model file/directory without loading (GGUF: header only, no dequantization)."""
-    from ..formats.sniff import detect_format
-    fmt, path = detect_format(path)
-    if fmt == "gguf":
-        from ..formats.gguf import file_type_name, read_gguf
-        gf = read_gguf(path)
-        try:
-            meta = gf.metadata
-            arch = meta.get("general.architecture")
-            params = sum(t.numel for n, t in gf.tensors.items() if n != "rope_freqs.weight")
-            return {"format": "gguf", "architecture": arch, "parameters": params,
-                    "quantization": file_type_name(gf),
-                    "context_length": meta.get(f"{arch}.context_length"),
-                    "embedding_length": meta.get(f"{arch}.embedding_length"),
-                    "layers": meta.get(f"{arch}.block_count"),
-                    "vocab_size": gf.tensors["token_embd.weight"].shape[0] if "token_embd.weight" in gf.tensors
-                    else None,
-                    "template": meta.get("tokenizer.chat_template"), "license": meta.get("general.license"),
-                    "model_name": meta.get("general.name")}
-        finally:
-            gf.close()
-    return _inspect_hf(path) if fmt == "hf" else _inspect_meta(path)
-
-
-def _read_json(p: Path) -> dict:
-    try:
-        d = json.loads(read_bounded(p, 16 << 20, p.name))   # a config file, not weights
-    except (LlamaforgeError, UnicodeDecodeError, ValueError) as e:
-        raise ModelFormatError(p, f"unreadable JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ModelFormatError(p, "not a JSON object")
-    return d
-
-
-def _inspect_hf(path: Path) -> dict:
-    from ..config import ModelConfig
-    from ..formats import safetensors as st
-    cfg = _read_json(path / "config.json")
-    config = ModelConfig.from_hf_config(cfg, path=path / "config.json")
-    params, dtypes = 0, {}
-    for f in sorted(path.glob("*.safetensors")):
-        for _, (dtype, shape) in st.validate_safetensors(f).items():
-            n = 1
-            for d in shape:
-                n *= d
-            params += n
-            dtypes[dtype] = dtypes.get(dtype, 0) + n
-    quant = max(dtypes, key=dtypes.get) if dtypes else str(cfg.get("torch_dtype") or "unknown").upper()
-    return {"format": "hf", "architecture": "llama", "parameters": params or config.num_parameters,
-            "quantization": {"F32": "F32", "F16": "F16", "BF16": "BF16"}.get(quant, quant),
-            "context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
-            "layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
-            "template": st.dir_chat_template(path), "license": st.model_card_license(path),
-            "model_name": cfg.get("_name_or_path")}
-
-
-def _inspect_meta(path: Path) -> dict:
-    params = _read_json(path / "params.json")
-    return {"format": "meta", "architecture": "llama", "parameters": None, "quantization": "BF16",
-            "context_length": params.get("max_seq_len"), "embedding_length": params.get("dim"),
-            "layers": params.get("n_layers"), "vocab_size": params.get("vocab_size"), "template": None,
-            "license": None, "model_name": None}
-
-
 # ------------------------------------------------------------------------------------------------------ commands
 def cmd_list(args, store) -> int:
     rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
@@ -126,9 +60,16 @@ def cmd_show(args, store) -> int:
     info = inspect_model(ref.path)
     d = ref.defaults or {}
     out = {"name": ref.name, "path": str(ref.path), **info,
-           "system": d.get("system"), "options": d.get("options") or {}, "adapter": d.get("adapter")}
+           "system": d.get("system"), "options": d.get("options") or {}, "adapter": d.get("adapter"),
+           "messages": d.get("messages") or []}
     if d.get("template"):
         out["template"] = d["template"]   # the manifest's template replaces the model's own
+    if d.get("license"):
+        out["license"] = d["license"]     # and so does its license
+    if args.modelfile:
+        from ..store.modelfile import render_modelfile
+        print(render_modelfile(ref.name or str(ref.path), d), end="")
+        return 0
     if ref.manifest is not None:
         from ..store import manifest_id
         out["id"] = manifest_id(ref.manifest)
@@ -189,6 +130,7 @@ def cmd_pull(args, store) -> int:
 
 def cmd_create(args, store) -> int:
     from ..store import params_to_options
+    from ..store.modelfile import Modelfile, create_from_modelfile, read_modelfile
     template = None
     if args.template:
         p = Path(args.template).expanduser()
@@ -200,8 +142,28 @@ def cmd_create(args, store) -> int:
             template = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise StoreError(f"template {p} is not UTF-8 text") from None
-    name = store.create(args.name, args.from_model, system=args.system, options=params_to_options(args.param),
-                        template=template, adapter=args.adapter)
+    modelfile = args.file
+    if modelfile is None and args.from_model is None:
+        if not Path("Modelfile").is_file():
+            raise StoreError("give the base model with --from MODEL, or a Modelfile with -f FILE "
+                             "(default: ./Modelfile, which does not exist here)")
+        modelfile = "Modelfile"
+    if modelfile is not None:
+        mf = read_modelfile(modelfile)
+        base_dir = Path(modelfile).expanduser().resolve().parent
+    else:
+        mf, base_dir = Modelfile(from_=args.from_model), Path.cwd()
+    # Flags given beside a Modelfile override what it says.
+    if args.from_model is not None:
+        mf.from_ = args.from_model
+    if args.system is not None:
+        mf.system = args.system
+    if template is not None:
+        mf.template = template
+    if args.adapter is not None:
+        mf.adapter = str(Path(args.adapter).expanduser().resolve())
+    mf.parameters = {**mf.parameters, **params_to_options(args.param)}
+    name = create_from_modelfile(store, args.name, mf, base_dir)
     print(f"created '{name}'")
     return 0
 
@@ -225,6 +187,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--system", action="store_true", help="print only the system prompt")
         g.add_argument("--license", action="store_true", help="print only the license")
         g.add_argument("--parameters", action="store_true", help="print only the generation defaults")
+        g.add_argument("--modelfile", action="store_true", help="print a Modelfile that recreates the model")
     elif command == "rm":
         p.description = "Remove models from the store (blobs no other model uses are deleted)."
         p.add_argument("models", nargs="+", metavar="MODEL")
@@ -236,10 +199,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--digest", help="expected sha256 of a single file (sha256:<hex>); checked after copying")
         p.add_argument("--revision", help="Hugging Face branch, tag or commit")
     elif command == "create":
-        p.description = "Create a model from another with its own system prompt, parameters, template, adapter."
+        p.description = ("Create a model from another with its own system prompt, parameters, template, adapter, "
+                         "few-shot messages and license: from an Ollama Modelfile (-f; FROM, PARAMETER, TEMPLATE "
+                         "(Jinja), SYSTEM, ADAPTER, MESSAGE, LICENSE) and/or the options below, which override it.")
         p.add_argument("name")
-        p.add_argument("--from", dest="from_model", required=True, metavar="MODEL",
-                       help="store name or model path to build on")
+        p.add_argument("-f", "--file", metavar="MODELFILE",
+                       help="Modelfile to read (default: ./Modelfile when --from is not given)")
+        p.add_argument("--from", dest="from_model", metavar="MODEL", help="store name or model path to build on")
         p.add_argument("--system", help="system prompt")
         p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                        help="generation default, e.g. temperature=0.2 (repeat for several; stop may repeat)")

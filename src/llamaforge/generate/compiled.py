@@ -193,3 +193,45 @@ def _start_background_build(lm, path: Path) -> None:
     log.close()
     os.write(fd, str(proc.pid).encode())
     os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------- listing
+def _build_cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return []
+
+
+def builds(root: Path | None = None) -> list[dict]:
+    """Background builds of compiled steps in this store, read from their lock and marker files (for
+    `llamaforge ps`): running ones ({"state": "building", "pid", "started", "model", "threads", "artifact"})
+    and ones that failed within the last day ({"state": "failed", "reason", ...}), newest first."""
+    folder = Path(root) if root is not None else home() / "compiled"
+    out = []
+    if not folder.is_dir():
+        return out
+    for lock in folder.glob("decode-*.lock"):
+        try:
+            st = lock.stat()
+            pid = int(lock.read_text() or 0)
+        except (OSError, ValueError):
+            continue   # being written, or gone since the listing
+        if pid <= 0 or not pid_alive(pid) or time.time() - st.st_mtime >= _LOCK_STALE_S:
+            continue   # stale: the next build attempt removes it
+        argv = _build_cmdline(pid)
+        opt = {k: argv[i + 1] for i, k in enumerate(argv[:-1]) if k in ("--build-step", "--threads", "--quant")}
+        out.append({"state": "building", "pid": pid, "started": st.st_mtime, "artifact": str(lock.with_suffix(".pt2")),
+                    "model": opt.get("--build-step"), "threads": opt.get("--threads"), "quant": opt.get("--quant")})
+    for marker in folder.glob("decode-*.failed"):
+        try:
+            st = marker.stat()
+            reason = marker.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            continue
+        if time.time() - st.st_mtime < _RETRY_FAILED_S:
+            out.append({"state": "failed", "started": st.st_mtime, "artifact": str(marker.with_suffix(".pt2")),
+                        "reason": (reason[0] if reason else "unknown")[:200], "pid": None, "model": None,
+                        "threads": None, "quant": None})
+    out.sort(key=lambda b: -b["started"])
+    return out

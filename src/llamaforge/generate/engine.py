@@ -56,14 +56,25 @@ class TokenEvent(NamedTuple):
     finish_reason: str | None
 
 
+def model_options(lm) -> dict:
+    """The generation options stored with a model (`create --param`, Modelfile PARAMETER), or {}."""
+    opts = (getattr(lm, "defaults", None) or {}).get("options")
+    return opts if isinstance(opts, dict) else {}
+
+
 def context_length(lm) -> int:
-    """The model's context window: GGUF/HF metadata if present, else the config's max_position_embeddings."""
+    """The model's context window: GGUF/HF metadata if present, else the config's max_position_embeddings; a
+    stored `num_ctx` (Modelfile PARAMETER num_ctx, as in Ollama) makes it smaller, never larger."""
     n = (getattr(lm, "metadata", None) or {}).get("context_length")
     try:
         n = int(n)
     except (TypeError, ValueError):
         n = 0
-    return n if n > 0 else int(lm.config.max_position_embeddings)
+    n = n if n > 0 else int(lm.config.max_position_embeddings)
+    num_ctx = model_options(lm).get("num_ctx")
+    if isinstance(num_ctx, int) and not isinstance(num_ctx, bool) and num_ctx >= 2:
+        n = min(n, num_ctx)
+    return n
 
 
 @dataclass(eq=False)

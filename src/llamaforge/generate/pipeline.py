@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import ContextLengthError, InvalidRequestError, TemplateError, TokenizerError
 from .chat_formats import chat_format
-from .engine import context_length as model_context_length
+from .engine import context_length as model_context_length, model_options
 from .request import CONSTRAINT_KINDS, TOOL_CHOICES, GenerationRequest
 from .sampling import LogitsProcessor, SamplingParams, check_number, check_token_ids, params_from_options
 from .stage import Output, PlanContext, Refusal, Stage
@@ -201,10 +201,19 @@ def max_token_bytes(tok) -> int:
 
 
 def _apply_default_system(ctx: PlanContext) -> None:
-    """The model's stored system prompt (`llamaforge create --system`) when the conversation has none."""
-    system = (ctx.lm.defaults or {}).get("system") if getattr(ctx.lm, "defaults", None) else None
-    if ctx.messages is not None and system and not any(m["role"] == "system" for m in ctx.messages):
+    """The model's stored system prompt (`llamaforge create --system`, Modelfile SYSTEM) when the conversation has
+    none, then its few-shot turns (Modelfile MESSAGE) after the leading system turns and before the caller's own
+    (as Ollama prepends them); not when continuing an earlier exchange (`context`), which already holds them."""
+    defaults = getattr(ctx.lm, "defaults", None) or {}
+    if ctx.messages is None:
+        return
+    system = defaults.get("system")
+    if system and not any(m["role"] == "system" for m in ctx.messages):
         ctx.messages.insert(0, {"role": "system", "content": system})
+    shots = defaults.get("messages") or []
+    if shots and not ctx.request.context:
+        lead = next((i for i, m in enumerate(ctx.messages) if m["role"] != "system"), len(ctx.messages))
+        ctx.messages[lead:lead] = [{"role": m["role"], "content": m["content"]} for m in shots]
 
 
 def _encode_chat(ctx: PlanContext) -> tuple[list[int], tuple[int, ...]]:
@@ -247,7 +256,7 @@ def _sampling(ctx: PlanContext, prompt_len: int, ctx_len: int, format_stops: tup
     if prompt_len >= ctx_len:
         raise ContextLengthError(prompt_len, ctx_len)
     try:
-        stored = params_from_options((getattr(ctx.lm, "defaults", None) or {}).get("options") or {})
+        stored = params_from_options({k: v for k, v in (model_options(ctx.lm)).items() if k != "num_ctx"})
     except InvalidRequestError as e:
         raise InvalidRequestError(f"the model's stored parameter is invalid: {e}", field=e.field) from None
     known = SamplingParams.field_names()

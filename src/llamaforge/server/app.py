@@ -57,6 +57,7 @@ class ServerConfig:
     keep_alive_timeout: float = 5.0        # seconds an idle keep-alive connection stays open
     max_connections: int | None = None     # open connections at once (default: from the descriptor limit)
     exit_on_load_failure: bool = False     # `llamaforge serve`: a model named at start that fails to load stops it
+    allow_pull_from: list[str] = field(default_factory=list)  # directories /api/pull may read local models from
 
 
 class ServerState:
@@ -101,6 +102,7 @@ def create_app(config: ServerConfig | None = None, *, preloaded: dict[str, Any] 
     app.state.server = state
 
     from .ollama_admin import router as ollama_admin_router
+    from .ollama_pull import router as ollama_pull_router
     from .ollama_routes import router as ollama_router
     from .openai_routes import router as openai_router
     from .ui_routes import router as ui_router
@@ -108,6 +110,7 @@ def create_app(config: ServerConfig | None = None, *, preloaded: dict[str, Any] 
     app.include_router(ui_router)  # the web chat page at /ui and its conversation store
     app.include_router(ollama_router)
     app.include_router(ollama_admin_router)
+    app.include_router(ollama_pull_router)
     from .tokenize_routes import router as tokenize_router  # vLLM-style /tokenize (lm-eval local-completions)
     app.include_router(tokenize_router)
     from .rag_routes import router as rag_router

@@ -17,6 +17,7 @@ from .scheduler import Scheduler
 from .schemas import ApiError
 
 log = logging.getLogger("llamaforge.server")
+UNLOAD_GRACE_S = 30.0   # keep_alive 0: the most a request's model may outlive it if its route could not release it
 
 
 @dataclass(eq=False)
@@ -35,6 +36,15 @@ class ModelEntry:
         if self.expires_at is None:
             return datetime(2318, 1, 1, tzinfo=timezone.utc)  # Ollama's convention for "forever"
         return datetime.fromtimestamp(time.time() + (self.expires_at - time.monotonic()), tz=timezone.utc)
+
+
+def display_name(name: str) -> str:
+    """The one name form shown in /api/tags, /api/ps and /api/show: with its tag (`smollm2:latest`)."""
+    try:
+        from ..store import parse_name
+        return str(parse_name(name.strip()))
+    except LlamaforgeError:
+        return name
 
 
 def normalize_name(name: str) -> str:
@@ -81,9 +91,13 @@ class ModelManager:
         return entry
 
     def _ctx_for(self, lm) -> int | None:
+        """KV rows per request: the model's own num_ctx (Modelfile PARAMETER) wins over the server's --ctx,
+        as a model's num_ctx wins over OLLAMA_CONTEXT_LENGTH in Ollama."""
+        from ..generate.engine import context_length, model_options
+        if model_options(lm).get("num_ctx"):
+            return max(2, context_length(lm))
         if self.config.ctx is None:
             return None
-        from ..generate.engine import context_length
         return max(2, min(int(self.config.ctx), context_length(lm)))
 
     def preload(self) -> None:
@@ -198,7 +212,20 @@ class ModelManager:
         if entry.pinned:
             return
         ka = self.config.keep_alive if keep_alive is None else keep_alive
-        entry.expires_at = None if ka < 0 else time.monotonic() + ka
+        # keep_alive 0: unloaded by `release` as soon as this request is done; the grace only keeps the reaper
+        # from taking the model away while the request is still being planned.
+        entry.expires_at = None if ka < 0 else time.monotonic() + (ka or UNLOAD_GRACE_S)
+
+    async def release(self, entry: ModelEntry, keep_alive: float | None) -> bool:
+        """A request is done with `entry`: with keep_alive 0 (Ollama's "unload after this request") the model is
+        unloaded now unless other requests still use it (the reaper then takes it when they finish)."""
+        if keep_alive is None or keep_alive != 0 or entry.pinned or entry.scheduler.busy:
+            if keep_alive == 0 and not entry.pinned:
+                entry.expires_at = time.monotonic()
+            return False
+        with self._lock:
+            current = self.entries.get(entry.name) is entry
+        return current and await asyncio.to_thread(self.unload, entry.name)
 
     def unload(self, name: str, reason: str | None = None) -> bool:
         with self._lock:

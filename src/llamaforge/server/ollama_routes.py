@@ -18,6 +18,7 @@ from starlette.requests import Request
 from ..errors import LlamaforgeError
 from ..generate.embed import check_dimensions, embed_ids, tokenize_inputs
 from ..generate.request import Constraint, GenerationRequest, Guards, Retrieval, Tool
+from .models import display_name
 from .common import (ClientGone, Generation, StreamingEvents, api_error_from, dumps, json_response, log_fields,
                      plan_request, read_json, token_text, tool_arguments, until_disconnect)
 from .scheduler import ERROR, SHUTDOWN
@@ -189,8 +190,11 @@ def _num_ctx(req) -> int | None:
 async def _load_or_unload(st, entry, model: str, keep_alive, chat: bool, t0: float):
     """Ollama's empty-prompt call: load (or with keep_alive 0, unload) the model and answer at once."""
     reason = "load"
-    if keep_alive is not None and keep_alive == 0 and not entry.pinned:
-        st.models.unload(entry.name)
+    if keep_alive is not None and keep_alive == 0:
+        if entry.pinned:
+            raise bad_request(f"model {display_name(entry.name)!r} was named when the server started and stays "
+                              "loaded; restart the server without it to unload it", "keep_alive")
+        await asyncio.to_thread(st.models.unload, entry.name)
         reason = "unload"
     body = {"model": model, "created_at": _now(), "done": True, "done_reason": reason,
             "total_duration": _ns(time.perf_counter() - t0)}
@@ -249,6 +253,7 @@ async def generate(request: Request):
                         part["logprobs"] = _lp_items(tok, [(ev.id, ev.logprob, ev.top_logprobs)])
                     yield dumps(part) + b"\n"
                 if ev.finish_reason is not None:
+                    await st.models.release(entry, keep_alive)  # keep_alive 0: gone before the client hears "done"
                     yield dumps(final(c)) + b"\n"
         return StreamingEvents(lines(), "application/x-ndjson", gen.cancel)
     try:
@@ -256,6 +261,7 @@ async def generate(request: Request):
     except ClientGone:
         return json_response({}, 499)
     _raise_on_error(gen)
+    await st.models.release(entry, keep_alive)
     body = final(choice)
     body["response"] = choice.text
     if lp_n is not None:
@@ -341,6 +347,7 @@ async def chat(request: Request):
                         part["logprobs"] = _lp_items(tok, [(ev.id, ev.logprob, ev.top_logprobs)])
                     yield dumps(part) + b"\n"
                 if ev.finish_reason is not None:
+                    await st.models.release(entry, keep_alive)  # keep_alive 0: gone before the client hears "done"
                     yield dumps(final(c)) + b"\n"
         return StreamingEvents(lines(), "application/x-ndjson", gen.cancel)
     try:
@@ -348,6 +355,7 @@ async def chat(request: Request):
     except ClientGone:
         return json_response({}, 499)
     _raise_on_error(gen)
+    await st.models.release(entry, keep_alive)
     body = final(choice, choice.text)
     if lp_n is not None:
         body["logprobs"] = _lp_items(tok, choice.logprobs)
@@ -390,8 +398,9 @@ async def embed(request: Request):
     if not items:
         raise bad_request("'input' must not be empty", "input")
     _embed_options(req.options)
+    keep_alive = parse_keep_alive(req.keep_alive)
     loaded_before = st.models.find(req.model) is not None
-    entry = await st.models.get(req.model, parse_keep_alive(req.keep_alive))
+    entry = await st.models.get(req.model, keep_alive)
     try:
         dims = check_dimensions(entry.lm, req.dimensions)
     except LlamaforgeError as e:
@@ -401,6 +410,7 @@ async def embed(request: Request):
                                   req.options.num_ctx if req.options else None)
     except ClientGone:
         return json_response({}, 499)
+    await st.models.release(entry, keep_alive)
     return json_response({"model": req.model, "embeddings": vectors, "total_duration": _ns(time.perf_counter() - t0),
                           "load_duration": _ns(0 if loaded_before else entry.load_seconds),
                           "prompt_eval_count": n})

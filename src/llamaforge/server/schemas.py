@@ -336,6 +336,13 @@ class OllamaCreateRequest(_Strict):
     stream: bool = True
 
 
+class OllamaPullRequest(_Strict):
+    model: str = ""
+    name: Optional[str] = None       # older clients send "name"
+    insecure: Optional[bool] = None  # TLS to a registry: nothing to do here (local paths, Hugging Face over https)
+    stream: bool = True
+
+
 class OllamaCopyRequest(_Strict):
     source: str
     destination: str

@@ -12,19 +12,24 @@ content-addressed view of those blobs (built on demand, atomically), so two mode
 
 Rooms: `names` (validation, name vs path), `manifests` (the JSON record and what is derived from it), `blobs`
 (blobs, trees, crash-safe writes, housekeeping), `sources` (files and directories coming in, built-ins), `hub`
-(Hugging Face downloads), `options` (generation parameters and templates a model may carry), `catalog` (the
-`Store` and `resolve`). The names other code uses are importable from `llamaforge.store`.
+(Hugging Face downloads), `options` (generation parameters, templates, few-shot messages and licenses a model may
+carry), `inspect` (header facts: parameter count, quantization), `modelfile` (Ollama Modelfiles in and out),
+`catalog` (the `Store` and `resolve`). The names other code uses are importable from `llamaforge.store`.
 """
 from __future__ import annotations
 
 from .blobs import CHUNK, BlobStore, home, pid_alive
 from .catalog import Store, resolve
-from .manifests import SCHEMA_VERSION, ModelEntry, Resolved, manifest_id, manifest_size
+from .inspect import file_digest, human_parameters, inspect_model, model_details
+from .manifests import SCHEMA_VERSION, ModelEntry, Resolved, manifest_digest, manifest_id, manifest_size
 from .names import DEFAULT_NAMESPACE, DEFAULT_TAG, ModelName, default_name_for, looks_like_model_path, parse_name
-from .options import OPTION_ALIASES, params_to_options, parse_param, validate_options, validate_template
+from .options import (OPTION_ALIASES, check_license, check_messages, ollama_options, params_to_options, parse_param,
+                      validate_options, validate_template)
 from .sources import BUILTINS, builtin_path, model_dir_files
 
 __all__ = ["Store", "BlobStore", "resolve", "home", "pid_alive", "CHUNK", "SCHEMA_VERSION", "ModelEntry", "Resolved",
-           "manifest_id", "manifest_size", "DEFAULT_NAMESPACE", "DEFAULT_TAG", "ModelName", "default_name_for",
+           "manifest_id", "manifest_digest", "manifest_size", "inspect_model", "model_details", "human_parameters",
+           "file_digest", "DEFAULT_NAMESPACE", "DEFAULT_TAG", "ModelName", "default_name_for",
            "looks_like_model_path", "parse_name", "OPTION_ALIASES", "params_to_options", "parse_param",
-           "validate_options", "validate_template", "BUILTINS", "builtin_path", "model_dir_files"]
+           "validate_options", "validate_template", "check_license", "check_messages", "ollama_options",
+           "BUILTINS", "builtin_path", "model_dir_files"]

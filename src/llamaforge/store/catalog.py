@@ -14,13 +14,13 @@ from pathlib import Path
 from .._fs import atomic_write_bytes, fsync_dir
 from ..errors import ModelNotFoundError, StoreError
 from .blobs import TEMP_RE, BlobStore, io_errors, tree_id
-from .hub import hf_repo_id, pull_hf
+from .hub import hf_repo_id, ollama_library_message, pull_hf
 from .manifests import (DEFAULT_KEYS, SCHEMA_VERSION, ModelEntry, Resolved, check_digest, check_relpath,
                         empty_defaults, manifest_files, manifest_id, manifest_problem, manifest_size,
                         manifest_trees, now)
 from .names import DEFAULT_NAMESPACE, DEFAULT_TAG, ModelName, default_name_for, looks_like_model_path, parse_name, \
     split_name
-from .options import validate_options, validate_template
+from .options import check_license, check_messages, validate_options, validate_template
 from .sources import BUILTINS, builtin_path, check_adapter, import_adapter, import_source
 
 
@@ -70,6 +70,14 @@ class Store(BlobStore):
         if man is None:
             raise ModelNotFoundError(name, self.close_matches(name))
         return man
+
+    def present(self, name: str) -> str | None:
+        """The full name of a model already in the store (or built in), or None; `name` is only parsed."""
+        try:
+            n = parse_name(name)
+            return str(n) if (self._read_manifest(n) or self._builtin_manifest(n)) is not None else None
+        except StoreError:
+            return None
 
     def names(self) -> list[str]:
         """All model names, store manifests and available built-ins, sorted."""
@@ -167,6 +175,10 @@ class Store(BlobStore):
         d["system"] = src.get("system")
         d["options"] = dict(src.get("options") or {})
         d["template"] = src.get("template")
+        if src.get("messages"):
+            d["messages"] = [{"role": m["role"], "content": m["content"]} for m in src["messages"]]
+        if src.get("license"):
+            d["license"] = src["license"]
         if src.get("adapter"):
             d["adapter"] = str(self.tree(src["adapter"].get("files", []), name))
         return d
@@ -195,6 +207,12 @@ class Store(BlobStore):
             repo = hf_repo_id(str(source))
             if repo:
                 return self.pull_hf(repo, name, revision=revision, progress=progress)
+            library = ollama_library_message(str(source))
+            if library:
+                existing = self.present(str(source))
+                if existing and name is None:
+                    return existing   # as `ollama pull` of a model already here: nothing to do
+                raise StoreError(library)
             raise StoreError(f"cannot pull {source!r}: no such file or directory (and not a Hugging Face repo id "
                              "like owner/name)")
         n = n or parse_name(default_name_for(src.resolve()))
@@ -208,17 +226,23 @@ class Store(BlobStore):
         return pull_hf(self, repo_id, name, revision=revision, progress=progress)
 
     def create(self, name: str, from_model: str, *, system: str | None = None, options: dict | None = None,
-               template: str | None = None, adapter: str | Path | None = None, from_name_only: bool = False) -> str:
-        """A new model sharing another's weights, with its own system prompt / parameters / template / adapter.
+               template: str | None = None, adapter: str | Path | None = None, from_name_only: bool = False,
+               messages: list[dict] | None = None, license: str | list[str] | None = None) -> str:
+        """A new model sharing another's weights, with its own system prompt / parameters / template / adapter /
+        few-shot messages / license (what a Modelfile's SYSTEM, PARAMETER, TEMPLATE, ADAPTER, MESSAGE and
+        LICENSE set).
 
         `from_model` is a store name (its defaults are inherited and overridden) or a model file/directory
         (copied in); with `from_name_only` (requests over HTTP) it is a store name and the disk is never probed
-        for a file of that name. Options are validated against the engine's SamplingParams.
+        for a file of that name. Options are validated against the engine's SamplingParams. `messages` replace
+        the base's few-shot turns; `license` texts (several allowed) replace its license.
         """
         n = parse_name(name)
         opts = validate_options(options or {})
         if template is not None:
             validate_template(template)
+        messages = check_messages(messages) if messages is not None else None
+        license = check_license(license) if license is not None else None
         if adapter is not None:
             adapter = Path(adapter).expanduser()
             check_adapter(adapter)   # before anything is copied in
@@ -230,6 +254,10 @@ class Store(BlobStore):
             defaults["system"] = system
         if template is not None:
             defaults["template"] = template
+        if messages is not None:
+            defaults["messages"] = messages
+        if license is not None:
+            defaults["license"] = license
         if adapter is not None:
             defaults["adapter"] = {"files": import_adapter(self, adapter)}
         man = {k: v for k, v in base.items() if k in ("format", "weights", "files", "external")}

@@ -25,6 +25,26 @@ def hf_repo_id(source: str) -> str | None:
     return m.group(1) if m and not str(source).startswith((".", "/", "~")) else None
 
 
+def ollama_library_message(source: str) -> str | None:
+    """The answer for a name from Ollama's library (`llama3.2`, `llama3.2:1b`, `registry.ollama.ai/library/x`),
+    which this machine cannot download; None for anything else."""
+    s = str(source).strip()
+    for prefix in ("https://", "http://"):
+        s = s[len(prefix):] if s.startswith(prefix) else s
+    registry = s.startswith(("registry.ollama.ai/", "ollama.com/"))
+    if not registry and ("/" in s or s.startswith((".", "~")) or s.lower().endswith(".gguf")):
+        return None
+    if not registry:
+        from .names import parse_name
+        try:
+            parse_name(s)
+        except StoreError:
+            return None
+    return (f"{source!r} is a name from Ollama's library, which is not available offline: llamaforge does not "
+            "download from the Ollama registry. Pull a GGUF file or a model directory instead (llamaforge pull "
+            "./model.gguf), or a Hugging Face repo id (llamaforge pull owner/name)")
+
+
 def pull_hf(store, repo_id: str, name: str | None = None, *, revision: str | None = None, progress=None) -> str:
     """Download a Hugging Face repo and add it to `store` under `name` (default: from the repo name)."""
     n = parse_name(name) if name is not None else parse_name(default_name_for(repo_id))

@@ -17,7 +17,8 @@ from typing import Any
 from ..errors import StoreError
 
 SCHEMA_VERSION = 1
-DEFAULT_KEYS = ("system", "options", "template", "adapter")
+DEFAULT_KEYS = ("system", "options", "template", "adapter", "messages", "license")
+MESSAGE_ROLES = ("system", "user", "assistant")
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 
 
@@ -135,6 +136,13 @@ def manifest_problem(man: dict) -> str | None:
         return "system / template is not text"
     if d.get("options") is not None and not isinstance(d["options"], dict):
         return "options is not an object"
+    if d.get("license") is not None and not isinstance(d["license"], str):
+        return "license is not text"
+    msgs = d.get("messages")
+    if msgs is not None and not (isinstance(msgs, list) and all(
+            isinstance(m, dict) and m.get("role") in MESSAGE_ROLES and isinstance(m.get("content"), str)
+            for m in msgs)):
+        return "messages is not a list of {role, content} turns"
     ad = d.get("adapter")
     if ad is not None:
         if not isinstance(ad, dict) or not isinstance(ad.get("files"), list) or not ad["files"]:
@@ -152,10 +160,16 @@ def manifest_size(man: dict) -> int:
     return sum(int(f.get("size") or 0) for f in manifest_files(man))
 
 
-def manifest_id(man: dict) -> str:
-    """12 hex digits of the digest of what makes the model (weights + defaults), not of its name or dates."""
+def manifest_digest(man: dict) -> str:
+    """The sha256 (64 hex digits) of what makes the model (weights + defaults), not of its name or dates: the
+    digest Ollama's /api/tags and /api/ps report. Two names for the same model share it."""
     core = {k: man.get(k) for k in ("format", "weights", "files", "external", "defaults")}
     if core.get("external"):
         core["external"] = {"path": core["external"].get("path"), "size": core["external"].get("size")}
-    return hashlib.sha256(canonical(core)).hexdigest()[:12]
+    return hashlib.sha256(canonical(core)).hexdigest()
+
+
+def manifest_id(man: dict) -> str:
+    """The first 12 hex digits of `manifest_digest` (the ID `llamaforge list` prints, as `ollama list`)."""
+    return manifest_digest(man)[:12]
 
