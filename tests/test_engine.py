@@ -300,7 +300,8 @@ def test_prompt_prefix_is_reused_from_a_free_row(lm):
 
 
 def test_stop_requested_ends_a_stream_mid_prefill(lm):
-    s = stream(lm, list(range(1, 200)), max_tokens=5, ignore_eos=True, **GREEDY)
+    # A first token no other test's prompt starts with: no prefix of this prompt is cached from earlier tests.
+    s = stream(lm, [251] + list(range(1, 199)), max_tokens=5, ignore_eos=True, **GREEDY)
     engine = s._engine
     engine.prefill_chunk = 16
     steps = []
