@@ -7,6 +7,12 @@ writes JSON. By default it starts its own server (`llamaforge serve MODEL`) on a
 
     .venv/bin/python bench/serve_load.py                      # smollm2, levels 1 4 16
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:11435 --levels 1 8
+    .venv/bin/python bench/serve_load.py --peer               # and llama.cpp's llama-server, side by side
+
+With --peer, llama.cpp's `llama-server` (from $LLAMAFORGE_PEER_BIN, default .peers/bin; built from the
+llama-cpp-python 0.3.36 sdist's vendored sources, never by `make test`) serves the same GGUF with one slot per
+client at the largest level (`-np`, continuous batching) and the same thread count. Both servers get the same
+requests; at each level the two run one after the other, in alternating order, never at the same time.
 """
 from __future__ import annotations
 
@@ -56,12 +62,50 @@ def start_server(model: str, max_batch: int, ctx: int, threads: int) -> tuple[su
     raise SystemExit("server did not become healthy within 300 s")
 
 
+def peer_bin() -> Path:
+    return Path(os.environ.get("LLAMAFORGE_PEER_BIN", Path(__file__).resolve().parent.parent / ".peers" / "bin"))
+
+
+def gguf_path(model: str) -> Path:
+    """The GGUF file behind a store name or path (llama-server needs the file itself)."""
+    if Path(model).is_file():
+        return Path(model)
+    import llamaforge
+    return Path(llamaforge.load(model, compile=False).path)
+
+
+def start_peer(gguf: Path, slots: int, ctx: int, threads: int) -> tuple[subprocess.Popen, str]:
+    exe = peer_bin() / "llama-server"
+    if not exe.exists():
+        raise SystemExit(f"{exe} not found: build llama.cpp's tools from the llama-cpp-python 0.3.36 sdist "
+                         "into it, or point LLAMAFORGE_PEER_BIN at them")
+    port = _free_port()
+    # -c is the total context shared by the slots: ctx tokens each, as our server gives every row.
+    cmd = [str(exe), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-np", str(slots),
+           "-c", str(ctx * slots), "-t", str(threads), "-tb", str(threads), "--cont-batching", "--log-disable"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, LD_LIBRARY_PATH=str(exe.parent)))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"llama-server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("llama-server did not become healthy within 120 s")
+
+
 def one_request(url: str, model: str, topic: str, max_tokens: int) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": f"Write a long story about {topic}."}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens = chunks = 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -70,10 +114,12 @@ def one_request(url: str, model: str, topic: str, max_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                chunks += 1
                 now = time.perf_counter()
                 first = first or now
                 last = now
+    tokens = tokens or chunks  # a server that sends no usage: one content chunk per token
     ttft = (first - t0) if first else float("nan")
     per_token = (last - first) / (tokens - 1) if first and tokens > 1 else float("nan")
     return {"ttft": ttft, "per_token": per_token, "tokens": tokens}
@@ -110,10 +156,11 @@ def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| clients | requests | output tok/s | TTFT p50 (ms) | TTFT p95 (ms) | per-token p50 (ms) | "
-           "per-token p95 (ms) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| server | clients | requests | output tok/s | TTFT p50 (ms) | TTFT p95 (ms) | per-token p50 (ms) | "
+           "per-token p95 (ms) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_s'] * 1e3:.0f} | "
+        out.append(f"| {r.get('server', 'llamaforge')} | {r['clients']} | {r['requests']} | "
+                   f"{r['tokens_per_s']:.1f} | {r['ttft_p50_s'] * 1e3:.0f} | "
                    f"{r['ttft_p95_s'] * 1e3:.0f} | {r['per_token_p50_s'] * 1e3:.1f} | "
                    f"{r['per_token_p95_s'] * 1e3:.1f} |")
     return "\n".join(out)
@@ -128,31 +175,48 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server started here")
+    p.add_argument("--peer", action="store_true", help="also run llama.cpp's llama-server on the same GGUF")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "serve_load.json"))
     args = p.parse_args(argv)
 
-    proc = None
-    url = args.url
-    if url is None:
-        proc, url = start_server(args.model, max(args.levels), args.ctx, args.threads)
+    servers: dict[str, tuple] = {}
     try:
-        one_request(url, args.model, "warm-up", 4)  # first-call overheads out of the numbers
+        if args.url is not None:
+            servers["llamaforge"] = (None, args.url)
+        else:
+            servers["llamaforge"] = start_server(args.model, max(args.levels), args.ctx, args.threads)
+        if args.peer:
+            servers["llama-server"] = start_peer(gguf_path(args.model), max(args.levels), args.ctx, args.threads)
+        for _, url in servers.values():
+            one_request(url, args.model, "warm-up", 4)  # first-call overheads out of the numbers
         rows = []
-        for n in args.levels:
-            row = run_level(url, args.model, n, args.requests, args.max_tokens)
-            rows.append(row)
-            print(f"clients={n}: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+        for i, n in enumerate(args.levels):
+            names = list(servers) if i % 2 == 0 else list(servers)[::-1]
+            for name in names:
+                row = dict(run_level(servers[name][1], args.model, n, args.requests, args.max_tokens), server=name)
+                rows.append(row)
+                print(f"{name} clients={n}: {row['tokens_per_s']:.1f} tok/s", file=sys.stderr)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-    table = markdown(rows)
+        for proc, _ in servers.values():
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    table = markdown(sorted(rows, key=lambda r: (r["clients"], r["server"] != "llamaforge")))
+    print(f"{args.model}, {args.threads} threads, {args.requests} requests per client, max_tokens "
+          f"{args.max_tokens}; load average at the end {load} (shared machine)\n")
     print(table)
-    by = {r["clients"]: r for r in rows}
+    ours = {r["clients"]: r for r in rows if r["server"] == "llamaforge"}
+    peer = {r["clients"]: r for r in rows if r["server"] == "llama-server"}
     ratio = None
-    if 1 in by and max(by) > 1:
-        ratio = by[max(by)]["tokens_per_s"] / by[1]["tokens_per_s"]
-        print(f"\naggregate throughput at {max(by)} clients = {ratio:.2f}x the single-client figure")
+    if 1 in ours and max(ours) > 1:
+        ratio = ours[max(ours)]["tokens_per_s"] / ours[1]["tokens_per_s"]
+        print(f"\naggregate throughput at {max(ours)} clients = {ratio:.2f}x the single-client figure")
+    for n in sorted(peer):
+        print(f"clients={n}: llamaforge / llama-server tokens/s "
+              f"{ours[n]['tokens_per_s'] / peer[n]['tokens_per_s']:.2f}x, "
+              f"TTFT p50 {ours[n]['ttft_p50_s'] / peer[n]['ttft_p50_s']:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -274,30 +274,34 @@ def test_stop_strings_property():
 
 
 def test_prompt_prefix_is_reused_from_a_free_row(lm):
-    engine = BatchEngine(lm, max_batch=2, max_seq_len=128, prefill_chunk=8)
+    engine = BatchEngine(lm, max_batch=2, max_seq_len=256, prefill_chunk=8)
     params = SamplingParams(max_tokens=6, ignore_eos=True, **GREEDY)
-    first = engine.add(list(b"shared system prompt. question one"), params)
+    system = list(b"shared system prompt. " * 4)  # 88 tokens
+    first = engine.add(system + list(b"question one"), params)
     run_all(engine)
     assert first.cached_tokens == 0
-    # The next prompt continues the first conversation: everything the row holds is reused.
-    follow = list(b"shared system prompt. question one") + first.output_ids[:-1] + list(b" and two")
+    # The next prompt continues the first conversation. What the row's prompt prefill computed is reused, in
+    # whole 64-token blocks (so the rest is computed in the same blocks as in a fresh run: the same tokens);
+    # the generated tokens' keys came from decode steps and are recomputed.
+    follow = system + list(b"question one") + first.output_ids[:-1] + list(b" and two")
     second = engine.add(follow, params)
-    other = engine.add(list(b"unrelated"), params)
+    other = engine.add(list(b"unrelated " * 8), params)
     run_all(engine)
-    assert second.row is None and second.cached_tokens == len(first.prompt_ids) + 5
+    assert second.row is None and second.cached_tokens == 64
     assert other.cached_tokens == 0
-    fresh = BatchEngine(lm, max_batch=1, max_seq_len=128)
+    fresh = BatchEngine(lm, max_batch=1, max_seq_len=256)
     ref = fresh.add(follow, params)
     run_all(fresh)
     assert second.output_ids == ref.output_ids
-    # An identical prompt reuses all but its last token (whose logits start the answer).
-    again = engine.add(list(b"unrelated"), params)
+    # An identical prompt reuses its whole blocks before the last token (whose logits start the answer).
+    again = engine.add(list(b"unrelated " * 8), params)
     run_all(engine)
-    assert again.cached_tokens == len(b"unrelated") - 1 and again.output_ids == other.output_ids
+    assert again.cached_tokens == 64 and again.output_ids == other.output_ids
 
 
 def test_stop_requested_ends_a_stream_mid_prefill(lm):
-    s = stream(lm, list(range(1, 200)), max_tokens=5, ignore_eos=True, **GREEDY)
+    # A first token no other test's prompt starts with: no prefix of this prompt is cached from earlier tests.
+    s = stream(lm, [251] + list(range(1, 199)), max_tokens=5, ignore_eos=True, **GREEDY)
     engine = s._engine
     engine.prefill_chunk = 16
     steps = []

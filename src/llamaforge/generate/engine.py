@@ -11,6 +11,7 @@ be the beginning of a stop string is held back until it is clearly not one.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,13 +20,22 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import torch
 
 from ..errors import ContextLengthError, InvalidRequestError
+from ..model.llama import ATTENTION_BLOCK
 from . import compiled
+from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .sampling import LogitsProcessor, Sampler, SamplingParams, check_token_ids
 
 DEFAULT_MAX_SEQ_LEN = 4096
 # Prompt tokens per forward: 256 is faster than 512 on CPU (the activations stay in cache; bench/NOTES.md) and
 # lowers the memory peak of a long prompt; each step's budget, so decoding rows wait at most one chunk.
 DEFAULT_PREFILL_CHUNK = 256
+
+# Determinism (the same tokens alone or batched, streamed or not, first or repeated): the model's kernels give
+# a row the same numbers whatever else is in the batch (packed matmuls are row-independent, decode attention
+# runs per row, prompt attention in ATTENTION_BLOCK-aligned blocks; model/llama.py). What remains is to never
+# let the schedule change which positions are computed together: prefill chunks end on an aligned grid, and
+# reused keys/values stop on it and come only from prompt prefills (a position computed by decode is rounded
+# differently from the same position computed by prefill).
 
 
 class TokenEvent(NamedTuple):
@@ -192,11 +202,13 @@ class BatchEngine:
 
     lm: a `LoadedModel` (config, model, tokenizer). max_seq_len: tokens per row = the context window requests
     get here (default: the model's context, at most 4096; the cache costs 2 * layers * kv_heads * head_dim *
-    max_batch * max_seq_len values). prefill_chunk: prompt tokens processed per step.
+    max_batch * max_seq_len values). prefill_chunk: prompt tokens processed per step. prefix_cache_bytes: memory
+    for prompt-prefix keys/values kept across requests (`PrefixCache`; 0 turns it off; rows that still hold a
+    finished request's prompt are reused either way).
     """
 
     def __init__(self, lm, max_batch: int = 4, max_seq_len: int | None = None, *,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if max_seq_len is None:
@@ -214,6 +226,9 @@ class BatchEngine:
         self.prefill_chunk = prefill_chunk
         self.device = next(self.model.parameters()).device
         self.cache = self.model.new_cache(max_batch, max_seq_len)
+        # Reused prompt prefixes are whole multiples of this many tokens (the prefix cache's block size).
+        self.reuse_unit = math.lcm(self.chunk_unit, ATTENTION_BLOCK)
+        self.prefix_cache = PrefixCache(self.reuse_unit, prefix_cache_bytes)
         self._rows: list[Request | None] = [None] * max_batch
         self._row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each free row's cache holds
         self._queue: list[Request] = []
@@ -224,6 +239,12 @@ class BatchEngine:
         self._tokenizer_stop_ids = frozenset(base or ())
 
     # -- queue management -------------------------------------------------------------------------------------
+
+    @property
+    def chunk_unit(self) -> int:
+        """Prefill chunks end on multiples of this (or at the prompt's end), whatever the step's budget."""
+        return ATTENTION_BLOCK if self.prefill_chunk >= ATTENTION_BLOCK else self.prefill_chunk
+
 
     @property
     def context_length(self) -> int:
@@ -280,8 +301,9 @@ class BatchEngine:
     def _release_row(self, req: Request) -> None:
         if req.row is not None and self._rows[req.row] is req:
             self._rows[req.row] = None
-            # Remember what the row's cache holds, so a later prompt with the same prefix skips recomputing it.
-            self._row_tokens[req.row] = req._all_ids[:req.pos]
+            # Remember the prompt tokens this row prefilled, so a later prompt with the same prefix skips
+            # recomputing them (generated tokens' keys came from decode steps and are not reused: determinism).
+            self._row_tokens[req.row] = req.prompt_ids[:min(req.pos, len(req.prompt_ids))]
             self.cache.reset(req.row)
         req.row = None
 
@@ -301,8 +323,20 @@ class BatchEngine:
                 # The free row whose cached tokens share the longest prefix with this prompt (prefix reuse).
                 shared = {r: _common_prefix(self._row_tokens[r], req.prompt_ids) for r in free}
                 row = max(free, key=lambda r: (shared[r], -r))
-                # At least the last prompt token is recomputed: its logits give the first new token.
-                reuse = min(shared[row], len(req.prompt_ids) - 1)
+                # At least the last prompt token is recomputed: its logits give the first new token. Reuse stops
+                # on the aligned grid, so the rest is prefilled in the same blocks as in a fresh run.
+                limit = len(req.prompt_ids) - 1
+                reuse = min(shared[row], limit) // self.reuse_unit * self.reuse_unit
+                # The row's old prompt blocks are about to be overwritten: keep them in the shared cache first
+                # (a row's own prefix costs no copy while the row still holds it).
+                old = self._row_tokens[row]
+                if len(old) >= reuse + self.reuse_unit:
+                    self.prefix_cache.store(old, self.cache, row, len(old))
+                blocks = self.prefix_cache.lookup(req.prompt_ids, limit)
+                if len(blocks) * self.reuse_unit > reuse:  # the shared cache holds more of this prefix
+                    self.prefix_cache.load_into(blocks, self.cache, row, reuse // self.reuse_unit, self.reuse_unit)
+                    reuse = len(blocks) * self.reuse_unit
+                self.prefix_cache.count_hit(reuse)
                 req.row, req.state, req.pos, req.cached_tokens = row, "prefill", reuse, reuse
                 self._row_tokens[row] = []
                 self.cache.lengths[row] = reuse
@@ -347,6 +381,10 @@ class BatchEngine:
             if req.t_prefill_start is None:
                 req.t_prefill_start = time.perf_counter()
             n = min(budget, len(req.prompt_ids) - req.pos)
+            if req.pos + n < len(req.prompt_ids):  # not the last chunk: end it on the grid
+                n = (req.pos + n) // self.chunk_unit * self.chunk_unit - req.pos
+                if n <= 0:
+                    break
             chunk = torch.tensor([req.prompt_ids[req.pos:req.pos + n]], dtype=torch.long, device=self.device)
             rows = None if req.row == 0 else torch.tensor([req.row], device=self.device)
             logits = self.model(chunk, cache=self.cache, input_pos=req.pos, rows=rows, last_only=True)

@@ -17,6 +17,12 @@ from ..config import ModelConfig
 from .kv_cache import KVCache
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
 
+# Prompt attention runs in query blocks aligned to multiples of this many absolute positions. CPU attention
+# kernels round differently for different numbers of queries and keys, so without a fixed grid a position's
+# output would depend on how a prompt was chunked (and so on what else the server was doing). Engines align
+# their prefill chunks and prefix reuse to it (generate/engine.py) to get batch-invariant results.
+ATTENTION_BLOCK = 64
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -39,6 +45,10 @@ class Step(NamedTuple):
     positions [B, T]; mask [B, 1, T, S] bool or None (None: attend to all S keys, causally when T > 1 without a
     cache); span: S, keys attended; start: one first position for all rows as an int, which lets the cache write
     a slice instead of scattering (None when rows have their own positions).
+    row_keys: for one new token per row at per-row positions (a batched decode step, eager), each row's own key
+    count: attention then runs row by row over exactly those keys, the same call a row decoding alone makes,
+    so a row's numbers do not depend on the other rows of the batch. blocked: prompt attention by
+    ATTENTION_BLOCK-aligned query blocks (a cached prefill at one start position).
     """
     cos: torch.Tensor
     sin: torch.Tensor
@@ -48,6 +58,31 @@ class Step(NamedTuple):
     mask: torch.Tensor | None
     span: int
     start: int | None
+    row_keys: tuple[int, ...] | None = None
+    blocked: bool = False
+
+
+def _blocked_attention(q, k, v, start: int, gqa: bool) -> torch.Tensor:
+    """Causal attention of T queries at positions start..start+T-1 over keys 0..start+T-1, one SDPA call per
+    ATTENTION_BLOCK-aligned block of query positions. A block's call sees the same shapes however the prompt
+    was chunked around it, so its output is bit-identical for every chunking."""
+    T = q.shape[2]
+    out, i = [], 0
+    while i < T:
+        a = start + i
+        b = min(T, (a // ATTENTION_BLOCK + 1) * ATTENTION_BLOCK - start)  # end of a's block, relative
+        end = start + b                                                   # keys 0..end-1
+        if a == 0:
+            o = F.scaled_dot_product_attention(q[:, :, :b], k[:, :, :end], v[:, :, :end], is_causal=True,
+                                               enable_gqa=gqa)
+        else:
+            pos = torch.arange(a, end, device=q.device)
+            mask = torch.arange(end, device=q.device)[None, :] <= pos[:, None]  # [Tq, S]
+            o = F.scaled_dot_product_attention(q[:, :, i:b], k[:, :, :end], v[:, :, :end], attn_mask=mask,
+                                               enable_gqa=gqa)
+        out.append(o)
+        i = b
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 class Attention(nn.Module):
@@ -79,7 +114,12 @@ class Attention(nn.Module):
                                 start=step.start)  # [B, K, S, D]
             k, v = k.to(q.dtype), v.to(q.dtype)
         gqa = self.n_kv != self.n_heads
-        if mask is None:  # causal over T new tokens that are all the keys; a single new token sees every key
+        if step.row_keys is not None:  # [B, H, 1, D] row by row, each over its own keys (batch-invariant)
+            out = torch.cat([F.scaled_dot_product_attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                                            enable_gqa=gqa) for b, n in enumerate(step.row_keys)])
+        elif step.blocked:
+            out = _blocked_attention(q, k, v, step.start, gqa)
+        elif mask is None:  # causal over T new tokens that are all the keys; a single new token sees every key
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [B, H, T, D]
@@ -137,6 +177,9 @@ class Llama(nn.Module):
         self._inv_freq = None
         self.gradient_checkpointing = False
         self.kv_dtype = None  # cache dtype when it differs from the activations' (model.quant: bfloat16)
+        # Batch-invariant attention with a KV cache (see ATTENTION_BLOCK, Step.row_keys); False: one SDPA call per
+        # layer whatever the batch (the previous behaviour; bench/determinism.py measures the difference).
+        self.batch_invariant = True
 
     def tie_weights(self) -> None:
         """Re-tie after `load_state_dict(assign=True)` replaced one side of a tied pair."""
@@ -194,8 +237,13 @@ class Llama(nn.Module):
             positions = position_ids.to(dev)
         if attn_mask is not None:
             mask = attn_mask.to(dev)
+        row_keys, blocked = None, False
+        if self.batch_invariant and cache is not None and not getattr(cache, "static", False) and not _tracing():
+            if T == 1 and start is None:
+                row_keys = tuple(int(p) + 1 for p in positions[:, 0].tolist())
+            blocked = T > 1 and start is not None
         cos, sin = rope_cos_sin(self.inv_freq(dev), positions, x.dtype)
-        step = Step(cos, sin, cache, rows, positions, mask, keys, start)
+        step = Step(cos, sin, cache, rows, positions, mask, keys, start, row_keys, blocked)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, step, use_reentrant=False)
@@ -212,6 +260,11 @@ class Llama(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
+
+
+def _tracing() -> bool:
+    """Inside torch.compile / torch.export, where shapes are symbolic and Python loops over rows cannot run."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
 def _activation_dtype(p: torch.Tensor) -> torch.dtype:

@@ -265,6 +265,14 @@ class Generation:
         comp = sum(c.completion_tokens for c in self.choices)
         return {"prompt_tokens": p, "completion_tokens": comp, "total_tokens": p + comp}
 
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose keys/values were reused from earlier requests (each prompt counted once)."""
+        groups = {}
+        for c in self.choices:
+            if c.request is not None:
+                groups.setdefault(c.group, c.request.cached_tokens)
+        return sum(groups.values())
+
     def first_error(self) -> str | None:
         """The message of a choice that failed (engine error); a choice cut by shutdown is not a failure."""
         return next((c.error for c in self.choices if c.error and c.finish_reason == ERROR), None)

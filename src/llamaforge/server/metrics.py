@@ -137,6 +137,13 @@ class Metrics:
         self.requests = Counter("llamaforge_requests_total", "HTTP requests by route and status code",
                                 ("route", "status"))
         self.prompt_tokens = Counter("llamaforge_prompt_tokens_total", "Prompt tokens processed", ("model",))
+        self.cached_tokens = Counter("llamaforge_prompt_cached_tokens_total",
+                                     "Prompt tokens whose keys/values were reused from earlier requests", ("model",))
+        self.prefix_hit_rate = Gauge("llamaforge_prefix_cache_hit_rate",
+                                     "Reused / reusable prompt tokens since the model was loaded", ("model",),
+                                     collect=lambda: self._gauge("prefix_cache_hit_rate"))
+        self.prefix_bytes = Gauge("llamaforge_prefix_cache_bytes", "Memory held by the prompt-prefix cache",
+                                  ("model",), collect=lambda: self._gauge("prefix_cache_bytes"))
         self.generated_tokens = Counter("llamaforge_generated_tokens_total", "Tokens generated", ("model",))
         self.cancelled = Counter("llamaforge_cancelled_requests_total",
                                  "Generation requests cancelled (client disconnected)", ("model",))
@@ -159,7 +166,8 @@ class Metrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in (self.requests, self.latency, self.prompt_tokens, self.generated_tokens, self.cancelled,
+        for m in (self.requests, self.latency, self.prompt_tokens, self.cached_tokens, self.prefix_hit_rate,
+                  self.prefix_bytes, self.generated_tokens, self.cancelled,
                   self.rejected, self.ttft, self.batch_size, self.active, self.queued, self.loaded):
             lines += m.render()
         lines += _guard_counter().render()

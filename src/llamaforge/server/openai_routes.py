@@ -238,7 +238,7 @@ async def chat_completions(request: Request):
     _raise_on_error(gen)
     choices = [_chat_choice(c, tok, req.logprobs) for c in gen.choices]
     return json_response({"id": cid, "object": "chat.completion", "created": created, "model": entry.name,
-                          "system_fingerprint": FINGERPRINT, "choices": choices, "usage": gen.usage()})
+                          "system_fingerprint": FINGERPRINT, "choices": choices, "usage": _usage(gen)})
 
 
 def _chat_choice(c, tok, want_logprobs: bool) -> dict:
@@ -322,7 +322,7 @@ async def _chat_stream(gen: Generation, cid, created, model, want_logprobs, incl
             yield chunk([_with_extras({"index": c.index, "delta": {}, "logprobs": None,
                                        "finish_reason": c.finish_reason}, c.result)])
     if include_usage:
-        yield _sse(dict(base, choices=[], usage=gen.usage()))
+        yield _sse(dict(base, choices=[], usage=_usage(gen)))
     yield b"data: [DONE]\n\n"
 
 
@@ -420,7 +420,7 @@ async def completions(request: Request):
                                                c.finish_reason, req, prompt_lps, c.group), c.result)
                for c in gen.choices]
     return json_response({"id": cid, "object": "text_completion", "created": created, "model": entry.name,
-                          "system_fingerprint": FINGERPRINT, "choices": choices, "usage": gen.usage()})
+                          "system_fingerprint": FINGERPRINT, "choices": choices, "usage": _usage(gen)})
 
 
 async def _scoring_plan(entry, g: GenerationRequest):
@@ -507,7 +507,7 @@ async def _completion_stream(gen, cid, created, model, logprobs_n, include_usage
                     "finish_reason": c.finish_reason if ev.finish_reason is not None else None}
             yield chunk([_with_extras(part, c.result) if ev.finish_reason is not None else part])
     if include_usage:
-        yield _sse(dict(base, choices=[], usage=gen.usage()))
+        yield _sse(dict(base, choices=[], usage=_usage(gen)))
     yield b"data: [DONE]\n\n"
 
 
@@ -551,3 +551,8 @@ async def embeddings(request: Request):
     n = sum(len(b) for b in batch)
     return json_response({"object": "list", "data": data, "model": entry.name,
                           "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
+def _usage(gen: Generation) -> dict:
+    """OpenAI usage, with the prompt tokens served from the prefix cache (`prompt_tokens_details`)."""
+    return dict(gen.usage(), prompt_tokens_details={"cached_tokens": gen.cached_tokens()})

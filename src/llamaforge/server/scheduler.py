@@ -99,8 +99,14 @@ class Scheduler:
             return bool(self._live or self._jobs)
 
     def stats(self) -> dict[str, int]:
+        cache = getattr(self.engine, "prefix_cache", None)  # (an engine without one: test doubles)
+        pc = cache.stats() if cache is not None else {"bytes": 0, "blocks": 0, "hit_rate": 0.0, "hit_tokens": 0,
+                                                      "lookup_tokens": 0}
         return {"active": self.active, "queued": self.queued, "max_batch": self.max_batch,
-                "max_queue": self.max_queue, "steps": self.steps, "context_length": self.context_length}
+                "max_queue": self.max_queue, "steps": self.steps, "context_length": self.context_length,
+                "prefix_cache_bytes": pc["bytes"], "prefix_cache_blocks": pc["blocks"],
+                "prefix_cache_hit_rate": pc["hit_rate"], "prefix_cache_hit_tokens": pc["hit_tokens"],
+                "prefix_cache_lookup_tokens": pc["lookup_tokens"]}
 
     def debug(self) -> dict:
         return dict(self.stats(), recent=list(self.recent))
@@ -221,6 +227,8 @@ class Scheduler:
                 stream.t_first, stream.first_step = now, self.steps
                 if self.metrics:
                     self.metrics.ttft.observe(now - stream.t_submit, model=self.name)
+                    if getattr(req, "cached_tokens", 0):
+                        self.metrics.cached_tokens.inc(req.cached_tokens, model=self.name)
             if ev.finish_reason is not None:
                 stream.finished = True
                 self._remember(stream, ev.finish_reason)
