@@ -352,7 +352,7 @@ def test_batched_step_matches_the_eager_batch(lm):
 def test_the_engine_decodes_a_full_batch_through_the_compiled_step(lm, monkeypatch):
     calls = []
     real = compiled.decode_batch
-    monkeypatch.setattr(aot, "decode_batch", lambda *a: calls.append(len(a[1])) or real(*a))
+    monkeypatch.setattr(compiled, "decode_batch", lambda *a: calls.append(len(a[1])) or real(*a))
     engine = BatchEngine(lm, max_batch=3, max_seq_len=128)
     reqs = [engine.add(lm.tokenizer.encode(p), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
             for p in PROMPTS]

@@ -22,6 +22,9 @@ import llamaforge
 from llamaforge.generate.engine import BatchEngine
 from llamaforge.generate.sampling import SamplingParams
 
+# Minutes on 2 cores (16 engines' worth of single runs as references): run with `-m slow`; make test stays fast.
+pytestmark = pytest.mark.slow
+
 ESSAY = (Path(__file__).resolve().parent.parent / "bench" / "texts" / "essay.txt").read_text()
 MAX_TOKENS = 12
 
