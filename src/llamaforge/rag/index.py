@@ -119,7 +119,7 @@ def _connect(path: Path, *, create: bool):
         conn.execute("PRAGMA synchronous = NORMAL")   # WAL + NORMAL: durable at checkpoints, never corrupt
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.DatabaseError as e:
-        raise RagError(f"cannot open collection database {path}: {e}") from None
+        raise RagError(f"{path} is not a readable collection database: {e}") from None
     return conn
 
 
