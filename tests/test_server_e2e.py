@@ -505,6 +505,8 @@ def test_non_streaming_client_disconnect_cancels(strict):
         httpx.post(strict.url + "/v1/chat/completions", headers=auth, timeout=httpx.Timeout(60, read=1.5),
                    json={"model": "smollm2", "messages": _user("Tell me a long story."), "max_tokens": 200,
                          "temperature": 0})
-    _wait(lambda: len([x for x in _gauges(strict)["recent"] if x["outcome"] == "cancelled"]) == before + 1, 20)
+    # A loaded 2-core machine can take a while to notice the closed socket: allow a minute, not a fixed 20 s.
+    _wait(lambda: len([x for x in _gauges(strict)["recent"] if x["outcome"] == "cancelled"]) == before + 1, 60)
     g = _gauges(strict)
-    assert g["active"] == 0 and g["recent"][-1]["tokens"] < 200
+    cancelled = [x for x in g["recent"] if x["outcome"] == "cancelled"]
+    assert g["active"] == 0 and cancelled[-1]["tokens"] < 200
