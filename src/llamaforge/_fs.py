@@ -169,12 +169,13 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def loads_json(data):
+def loads_json(data, **kwargs):
     """`json.loads` for text from outside (files, request strings, model output): nesting deep enough to exhaust
-    the parser's recursion is a `json.JSONDecodeError` like any other malformed JSON, never a RecursionError."""
+    the parser's recursion is a `json.JSONDecodeError` like any other malformed JSON, never a RecursionError.
+    Keyword arguments go to `json.loads` (e.g. `parse_constant` to refuse NaN/Infinity)."""
     import json
     try:
-        return json.loads(data)
+        return json.loads(data, **kwargs)
     except RecursionError:
         doc = data if isinstance(data, str) else ""
         raise json.JSONDecodeError("nested too deeply", doc, 0) from None
