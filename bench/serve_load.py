@@ -47,19 +47,23 @@ def start_server(model: str, max_batch: int, ctx: int, threads: int) -> tuple[su
     cmd = [sys.executable, "-m", "llamaforge", "serve", model, "--port", str(port), "--max-batch", str(max_batch),
            "--max-queue", "256", "--ctx", str(ctx), "--log-level", "warning"]
     proc = subprocess.Popen(cmd, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    return proc, _wait_healthy(proc, f"http://127.0.0.1:{port}", "server", 300)
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, name: str, timeout: float) -> str:
+    """`url` once its /health answers 200; SystemExit if the process dies or `timeout` seconds pass."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode}")
+            raise SystemExit(f"{name} exited with code {proc.returncode}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+                return url
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     proc.terminate()
-    raise SystemExit("server did not become healthy within 300 s")
+    raise SystemExit(f"{name} did not become healthy within {timeout:g} s")
 
 
 def peer_bin() -> Path:
@@ -85,19 +89,7 @@ def start_peer(gguf: Path, slots: int, ctx: int, threads: int) -> tuple[subproce
            "-c", str(ctx * slots), "-t", str(threads), "-tb", str(threads), "--cont-batching", "--log-disable"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, LD_LIBRARY_PATH=str(exe.parent)))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"llama-server exited with code {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit("llama-server did not become healthy within 120 s")
+    return proc, _wait_healthy(proc, f"http://127.0.0.1:{port}", "llama-server", 120)
 
 
 def one_request(url: str, model: str, topic: str, max_tokens: int) -> dict:
