@@ -109,6 +109,7 @@ def worker_rm_trl(a) -> dict:
                         max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=a.warmup,
                         weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
                         use_cpu=True, bf16=False, seed=a.seed, dataloader_num_workers=0, max_length=256,
+                        gradient_checkpointing=False,  # TRL's default is on; ours is off (same maths, less time)
                         disable_tqdm=True)
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
                             peft_config=LoraConfig(task_type="SEQ_CLS", **_lora_kwargs(a)))
@@ -226,7 +227,7 @@ def worker_grpo_speed_trl(a) -> dict:
                       learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=a.warmup, max_steps=a.steps,
                       weight_decay=0.0, max_grad_norm=1.0, gradient_accumulation_steps=1, logging_steps=1,
                       save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=a.seed,
-                      dataloader_num_workers=0, disable_tqdm=True)
+                      gradient_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True)
     trainer = GRPOTrainer(model=model, reward_funcs=exact, args=args, train_dataset=ds, processing_class=tok,
                           peft_config=LoraConfig(task_type="CAUSAL_LM", **_lora_kwargs(a)),
                           callbacks=[timer])
@@ -253,8 +254,10 @@ def _run_worker(name: str, a, **over) -> dict:
         if k in ("mode", "worker") or v is None or v is False:
             continue
         argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    # GOMP_SPINCOUNT=0 for both sides: the worker imports torch before llamaforge (which would set it), and on a
+    # busy machine libgomp's default spin makes 2 threads collapse (5 vs 35 tokens/s measured here; bench/NOTES.md).
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONWARNINGS": "ignore", "LLAMAFORGE_COMPILE": "0"}
+           "PYTHONWARNINGS": "ignore", "LLAMAFORGE_COMPILE": "0", "GOMP_SPINCOUNT": "0"}
     t0 = time.perf_counter()
     p = subprocess.run(argv, env=env, capture_output=True, text=True)
     if p.returncode != 0:
