@@ -6,7 +6,10 @@ touch the other's; each prints one RESULT line of JSON that the driver collects 
                                             # accuracy (quorvath_prefs_heldout.jsonl), llamaforge vs TRL RewardTrainer,
                                             # same base, tokens, LoRA, optimizer, schedule and steps
     python bench/align_bench.py grpo        # GRPO on examples/data/arith_train.jsonl with the `exact` reward:
-                                            # held-out greedy reward (arith_heldout.jsonl) before and after (llamaforge)
+                                            # held-out greedy reward (arith_heldout.jsonl) before and after (llamaforge);
+                                            # defaults (24 steps x 2 prompts x group 8, temperature 0.7, lr 1e-3,
+                                            # 12 new tokens) are the run in bench/NOTES.md: 0.19 -> 0.86, ~28 min at
+                                            # load average 8 on 2 cores
     python bench/align_bench.py grpo-speed  # GRPO training tokens/s (prompt + completion tokens per second of whole
                                             # steps: sampling, scoring, reference, update), llamaforge vs TRL
                                             # GRPOTrainer on the same config; chunks of steps alternate between sides
@@ -328,21 +331,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 for rm, 5e-4 for grpo")
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 for rm, 1e-3 for grpo, 5e-4 for grpo-speed")
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="rm: 40; grpo: 60; grpo-speed: steps per chunk (4)")
+    p.add_argument("--steps", type=int, default=None, help="rm: 40; grpo: 24; grpo-speed: steps per chunk (4)")
     p.add_argument("--batch-size", type=int, default=4, help="rm: pairs per step")
-    p.add_argument("--prompts", type=int, default=4, help="grpo: prompts per step")
+    p.add_argument("--prompts", type=int, default=2, help="grpo: prompts per step")
     p.add_argument("--group", type=int, default=8, help="grpo: completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=12)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--beta", type=float, default=0.04, help="grpo: KL coefficient")
     p.add_argument("--rounds", type=int, default=4, help="grpo-speed: interleaved chunks per side")
     p.add_argument("--save-every", type=int, default=None, help="grpo: checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="grpo: continue from the last checkpoint in --out")
     p.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    defaults = {"rm": (2e-4, 40, 0), "grpo": (5e-4, 60, 0), "grpo-speed": (5e-4, 4, 0)}
+    defaults = {"rm": (2e-4, 40, 0), "grpo": (1e-3, 24, 0), "grpo-speed": (5e-4, 4, 0)}
     name = a.worker or "" if a.mode == "_worker" else a.mode
     kind = "rm" if name.startswith("rm") else "grpo-speed" if name.startswith("grpo-speed") else "grpo"
     lr, steps, warmup = defaults[kind]
