@@ -12,7 +12,8 @@ from llamaforge.errors import InvalidRequestError
 from llamaforge.generate.api import build_request, chat
 from llamaforge.generate.pipeline import STAGES, plan
 from llamaforge.generate.stage import Delta, Output, Result
-from llamaforge.rag.grounding import SYSTEM, CitationFilter
+from llamaforge.rag.focus import MAX_SOURCES
+from llamaforge.rag.grounding import INSTRUCTION, SYSTEM, CitationFilter
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -36,8 +37,18 @@ def test_stage_is_registered_and_puts_sources_in_the_prompt(tmp_path_factory):
         c["text"] for c in p.citations)
     system, user = p.messages[0], p.messages[-1]
     assert system["role"] == "system" and system["content"] == SYSTEM
-    assert "[1]" in user["content"] and "[3]" in user["content"] and q in user["content"]
-    assert p.citations[0]["text"].split()[0] in user["content"]
+    # the question and the rule, the sources listed from [3] to [1] (the best nearest the end), the question again
+    assert [m["role"] for m in p.messages] == ["system", "user"]
+    body = user["content"]
+    assert body.startswith(f"Question: {q}\n{INSTRUCTION}") and body.endswith(f"Question: {q}")
+    assert body.index(INSTRUCTION) < body.index("\n[3] ") < body.index("\n[2] ") < body.index("\n[1] ")
+    # each source is shown as sentences of its own passage (focused), the ferry's name among the first one's
+    lines = [ln for ln in body.splitlines() if ln.startswith("[")]
+    assert len(lines) == 3 and "Grey Heron" in body
+    for c, line in zip(reversed(p.citations), lines):
+        flat = " ".join(c["text"].split())
+        for sentence in line[len(f"[{c['n']}] "):].split(". "):
+            assert sentence.rstrip(". ") in flat
     # the prompt ids are what the chat format makes of these messages: the sources reach the model
     assert "Grey Heron" in lm.tokenizer.decode(p.prompt_ids)
 
@@ -48,7 +59,7 @@ def test_sources_are_cut_to_fit_the_context(tmp_path_factory):
                                 retrieval={"collection": "demo", "k": 5}, max_tokens=32)
     wide = plan(tiny_chat_lm(4096), req())
     narrow = plan(tiny_chat_lm(600), req())      # byte tokens: about two sources fit
-    assert len(wide.citations) == 5 and 1 <= len(narrow.citations) < 5
+    assert len(wide.citations) == min(5, MAX_SOURCES) and 1 <= len(narrow.citations) < len(wide.citations)
     assert [c["chunk_id"] for c in narrow.citations] == [c["chunk_id"] for c in wide.citations][:len(narrow.citations)]
     assert len(narrow.prompt_ids) + 32 <= 600
 
@@ -112,13 +123,31 @@ SOURCES = [{"n": 1, "source": "a.md", "text": "The ferry is called the Grey Hero
 @pytest.mark.parametrize("answer,expect,how", [
     ("The ferry is the Grey Heron.", "The ferry is the Grey Heron. [1]", "attributed"),
     ("It holds 1.7 litres", "It holds 1.7 litres [2]", "attributed"),
-    ("The kettle holds 1.7 litres [3].", "The kettle holds 1.7 litres [3].", "model"),   # the model's own stays
+    ("The warranty lasts 3 years [3].", "The warranty lasts 3 years [3].", "model"),   # the model's own stays
     ("The sources do not say.", "The sources do not say.", "none"),
     ("Blue.", "Blue.", "none"),                                            # nothing distinctive: no guess
 ])
 def test_unmarked_answers_are_attributed_to_the_source_with_their_words(answer, expect, how):
     out = Output([CitationFilter(SOURCES)], SOURCES)
     text = "".join(d.text for d in out.feed(answer))
+    tail, result = out.finish("stop")
+    assert text + "".join(d.text for d in tail) == expect == result.text
+    assert result.extra["citation_markers"] == how
+
+
+@pytest.mark.parametrize("pieces,expect,how", [
+    # the model copied from [1] and wrote [3]: the marker follows the words (also when split across tokens)
+    (["The kettle holds 1.7 litres and uses 2200 watts [1]."], "The kettle holds 1.7 litres and uses 2200 watts [2].",
+     "corrected"),
+    (["The kettle holds 1.7 litres. [", "1]"], "The kettle holds 1.7 litres. [2]", "corrected"),
+    (["The ferry is the Grey Heron [1]. The warranty is 3 years [3]."],
+     "The ferry is the Grey Heron [1]. The warranty is 3 years [3].", "model"),      # each right: kept
+    (["The warranty is 3 years [2]."], "The warranty is 3 years [3].", "corrected"),  # same file, better passage
+    (["It is blue [2]."], "It is blue [2].", "model"),                              # nothing to go by: kept
+])
+def test_wrong_markers_follow_the_words_used(pieces, expect, how):
+    out = Output([CitationFilter(SOURCES)], SOURCES)
+    text = "".join(d.text for p in pieces for d in out.feed(p))
     tail, result = out.finish("stop")
     assert text + "".join(d.text for d in tail) == expect == result.text
     assert result.extra["citation_markers"] == how
@@ -139,3 +168,17 @@ def test_grounded_answer_from_smollm2(tmp_path_factory):
     cited = [x for x in c.citations if x["cited"]]
     assert cited and cited[0]["source"].endswith("harbour_ferry.md")
     assert f"[{cited[0]['n']}]" in c.text
+
+
+def test_nothing_retrieved_means_no_sources_and_no_citation(tmp_path_factory):
+    # an empty collection: the model is told there are no sources, and whatever marker
+    # it writes names no passage, so it is removed: a citation is never made up
+    from llamaforge.rag.index import Index, rag_home
+    rag_home().mkdir(parents=True, exist_ok=True)
+    Index("empty", create=True).close()
+    p = plan(tiny_chat_lm(), build_request(messages=[{"role": "user", "content": "Who built the tower?"}],
+                                           retrieval="empty"))
+    assert p.citations == [] and [m["role"] for m in p.messages] == ["system", "user"]
+    assert "no sources" in p.messages[-1]["content"] and "Who built the tower?" in p.messages[-1]["content"]
+    got, result = _run_filter(["It was Anna Holt [1]."], n=0)
+    assert got == "It was Anna Holt ." and result.citations == [] and result.extra["citation_markers"] == "none"
