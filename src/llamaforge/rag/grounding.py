@@ -15,35 +15,61 @@ import os
 import re
 
 from ..generate.stage import Delta, OutputFilter, PlanContext, Result, Stage
-from .focus import focus
-from .index import CollectionNotFoundError, Index, check_name
-from .search import Hit, check_k, embedder_for, search_index
+from .index import CollectionNotFoundError, check_name
+from .search import Hit, check_k, search
 
 SYSTEM = ("You answer questions using only the numbered sources given with the question. "
           "Cite the source you used with its number in square brackets, for example [1]. "
           "If the sources do not contain the answer, say that the sources do not say.")
-INSTRUCTION = ("Answer the question with one short sentence that uses the words of the source, and cite the "
-               "source's number, like [1]. If the sources do not contain the answer, say that the sources do "
-               "not say.")
+INSTRUCTION = "Answer with one sentence from the sources and cite its number, like [1]."
+EXCERPT_WORDS = 60     # words of each passage shown to the model (its best-matching sentences)
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])|\n\s*\n")
+_QWORD = re.compile(r"[a-z0-9]+", re.IGNORECASE)
+_QSTOP = frozenset("""a an and are as at be by can could did do does for from had has have how i in is it its of on
+or that the their there these this to was were what when where which who whom why will with would you your
+many much long often""".split())
+
+
 def source_label(h: Hit) -> str:
     name = os.path.basename(h.source) or h.source
     return f"{name} - {h.heading}" if h.heading else name
 
 
-def format_sources(excerpts: list[str]) -> str:
-    """The numbered sources, listed from the last to [1]: a small model leans on what it read last, so the best
-    source stands right before the question."""
-    return "\n".join(f"[{n}] {excerpts[n - 1]}" for n in range(len(excerpts), 0, -1))
+def excerpt(text: str, question: str, max_words: int = EXCERPT_WORDS) -> str:
+    """The sentences of a passage that share most words with the question, in their original order, within
+    `max_words` (the whole passage when it is short). Small models answer better from a few focused lines than
+    from whole passages; the citation still points at the whole passage."""
+    flat = " ".join(text.split())
+    if len(flat.split()) <= max_words:
+        return flat
+    sents = [x.strip() for x in _SENTENCE.split(text) if x and x.strip()]
+    keys = {w[:5] for w in _QWORD.findall(question.lower()) if w not in _QSTOP}
+    def score(sent: str) -> int:
+        return len(keys & {w[:5] for w in _QWORD.findall(sent.lower())})
+    ranked = sorted(range(len(sents)), key=lambda i: (-score(sents[i]), i))
+    keep, words = set(), 0
+    for i in ranked:
+        n = len(sents[i].split())
+        if keep and words + n > max_words:
+            continue
+        keep.add(i)
+        words += n
+        if words >= max_words:
+            break
+    out = " ".join(" ".join(sents[i].split()) for i in sorted(keep))
+    return out if len(out.split()) <= max_words * 2 else " ".join(out.split()[:max_words * 2]) + " ..."
 
 
-def grounded_user_message(question: str, excerpts: list[str]) -> str:
-    """The question and the instruction, the sources (already focused; [1], the best, last), then the question
-    again: read first, it steers how the model reads the sources (a causal model cannot look ahead); read last,
-    it and the best source are what the model sees right before it answers."""
-    if not excerpts:
+def format_sources(hits: list[Hit], question: str = "") -> str:
+    return "\n".join(f"[{n}] {excerpt(h.text, question)}" for n, h in enumerate(hits, 1))
+
+
+def grounded_user_message(question: str, hits: list[Hit]) -> str:
+    if not hits:
         return (f"There are no sources for this question.\n\nQuestion: {question}\n\n"
                 "Say that the sources do not contain the answer.")
-    return f"Question: {question}\n{INSTRUCTION}\n\nSources:\n{format_sources(excerpts)}\n\nQuestion: {question}"
+    return f"Sources:\n{format_sources(hits, question)}\n\nQuestion: {question}\n{INSTRUCTION}"
 
 
 def citations_for(hits: list[Hit]) -> list[dict]:
@@ -54,47 +80,32 @@ def citations_for(hits: list[Hit]) -> list[dict]:
 ANSWER_RESERVE = 256   # tokens kept free for the answer when the request does not set max_tokens
 
 
-def fit_to_context(ctx: PlanContext, shown: list[tuple[Hit, str]], question: str) -> list[tuple[Hit, str]]:
-    """The (passage, excerpt) pairs that fit the model's context beside the conversation and room for the
-    answer, best first (a first excerpt too long on its own is shortened)."""
+def fit_to_context(ctx: PlanContext, hits: list[Hit], question: str) -> list[Hit]:
+    """The best-ranked sources that fit the model's context beside the conversation and room for the answer
+    (a first source too long on its own is shortened)."""
     from ..generate.engine import context_length
     tok = ctx.lm.tokenizer
-    if tok is None or not shown:
-        return shown
+    if tok is None or not hits:
+        return hits
     count = lambda text: len(tok.encode(text))  # noqa: E731
     window = int(context_length(ctx.lm))
     answer = ctx.request.options.get("max_tokens") or min(ANSWER_RESERVE, window // 4)
     used = sum(count(m["content"]) + 8 for m in ctx.messages) + count(SYSTEM) + count(
-        grounded_user_message(question, ["x"])) + 32
+        grounded_user_message(question, [])) + 32
     budget = window - int(answer) - used
-    out: list[tuple[Hit, str]] = []
-    for h, text in shown:
-        n = count(f"[{len(out) + 1}] {text}") + 4
+    out: list[Hit] = []
+    for h in hits:
+        n = count(f"[{len(out) + 1}] {excerpt(h.text, question)}") + 4
         if n <= budget:
-            out.append((h, text))
+            out.append(h)
             budget -= n
         elif not out and budget > 32:
-            keep = max(1, int(len(text) * budget / n) - 16)
-            out.append((h, text[:keep]))
+            keep = max(1, int(len(h.text) * budget / n) - 16)
+            out.append(Hit(**{**h.as_dict(), "text": h.text[:keep], "end": h.start + keep}))
             break
         else:
             break
     return out
-
-
-def focused_sources(index, hits: list[Hit], question: str) -> list[tuple[Hit, str]]:
-    """The passages the model is shown, each with its excerpt (see `rag.focus`): the collection's embedder
-    scores paraphrases when it is available, word overlap alone otherwise."""
-    similarity = None
-    try:
-        emb = embedder_for(index)
-    except Exception:   # noqa: BLE001  the search already used this embedder; never fail the request here
-        emb = None
-    if emb is not None:
-        def similarity(q: str, sentences: list[str]) -> list[float]:
-            v = emb.embed([q] + list(sentences))
-            return [float(x) for x in v[1:] @ v[0]]
-    return [(hits[s.index], s.text) for s in focus(question, [h.text for h in hits], similarity)]
 
 
 class RetrievalStage(Stage):
@@ -126,22 +137,19 @@ class RetrievalStage(Stage):
             raise ctx.error("retrieval needs a user message to search for", "messages")
         question = ctx.messages[last]["content"]
         try:
-            with Index(name, root=self.root) as index:
-                hits = search_index(index, question, k)
-                shown = focused_sources(index, hits, question)
+            hits = search(name, question, k, root=self.root)
         except CollectionNotFoundError as e:
             raise ctx.error(str(e), "retrieval.collection") from None
-        shown = fit_to_context(ctx, shown, question)
-        ctx.citations = citations_for([h for h, _ in shown])
-        ctx.messages[last] = dict(ctx.messages[last],
-                                  content=grounded_user_message(question, [t for _, t in shown]))
+        hits = fit_to_context(ctx, hits, question)
+        ctx.citations = citations_for(hits)
+        ctx.messages[last] = dict(ctx.messages[last], content=grounded_user_message(question, hits))
         sys_at = next((i for i, m in enumerate(ctx.messages) if m["role"] == "system"), None)
         if sys_at is None:
             ctx.messages.insert(0, {"role": "system", "content": SYSTEM})
         else:   # the caller's (or the model's stored) system prompt stays, the grounding rule follows it
             ctx.messages[sys_at] = dict(ctx.messages[sys_at], content=ctx.messages[sys_at]["content"].rstrip()
                                         + "\n\n" + SYSTEM)
-        ctx.extra["retrieval"] = {"collection": name, "k": k, "hits": len(hits), "shown": len(shown)}
+        ctx.extra["retrieval"] = {"collection": name, "k": k, "hits": len(hits)}
 
     def output(self, plan) -> OutputFilter:
         return CitationFilter(plan.citations)
