@@ -164,11 +164,12 @@ _OPEN = re.compile(r"[\[【][^\]】\n]{0,24}$")
 class CitationFilter(OutputFilter):
     """Canonical [n] markers; markers naming no given source dropped. Records the cited numbers.
 
-    An answer that states something without any marker gets one for the source it was drawn from, when one
-    source clearly holds its distinctive words (see `attribute`); `result.extra["citation_markers"]` says
-    whether the markers were the model's ("model"), added ("attributed") or absent ("none"). Small models often
-    answer from a passage without writing its number; the passage is still what a reader needs to check the
-    answer against.
+    A marker whose passage lacks the distinctive words of the sentence before it is re-pointed at the passage
+    that clearly holds them (small models copy from [1] and write [3]). An answer that states something without
+    any marker gets one for the source it was drawn from, when one source clearly holds its distinctive words
+    (see `attribute`); `result.extra["citation_markers"]` says whether the markers were the model's ("model"),
+    re-pointed ("corrected"), added ("attributed") or absent ("none"). The passage is what a reader needs to
+    check the answer against, whatever number the model wrote.
     """
 
     def __init__(self, citations: list[dict] | int):
