@@ -265,3 +265,54 @@ def test_smollm2_q4_greedy_output_is_identical_with_prompt_lookup(smollm2_gguf):
     _same(ref, got)
     st = engine.speculator.stats()
     assert st["drafted_tokens"] > 0 and st["accepted_tokens"] > 0
+
+
+class _ShiftedBytes(ByteTokenizer):
+    """The byte tokenizer with two tokens' bytes swapped: same size, another vocabulary."""
+
+    def token_bytes(self, token_id):
+        return super().token_bytes({65: 66, 66: 65}.get(token_id, token_id))
+
+
+def test_draft_model_gives_identical_output_and_other_vocabularies_are_refused(lm):
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    ref = _reference(lm, PROMPTS, params)
+    other = tiny_lm(seed=3)  # another random model with the same tokenizer: drafts mostly wrong
+    for draft, least in ((other, 0.0), (lm, 0.8)):  # the target itself as its own draft: nearly all accepted
+        engine = BatchEngine(lm, max_batch=3, speculate="draft", draft_lm=draft, draft_tokens=3)
+        got = _run(engine, PROMPTS, params)
+        _same(ref, got)
+        st = engine.speculator.stats()
+        assert st["drafted_tokens"] > 0 and st["acceptance_rate"] >= least
+    with pytest.raises(InvalidRequestError, match="tokenizer differs from the target's at token 65"):
+        BatchEngine(lm, speculate="draft", draft_lm=tiny_lm(tokenizer=_ShiftedBytes()))
+    small = tiny_lm()
+    small.tokenizer.vocab_size = 300  # (an instance attribute: the class keeps 260)
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        BatchEngine(lm, speculate="draft", draft_lm=small)
+    with pytest.raises(InvalidRequestError, match="only used with speculate 'draft'"):
+        BatchEngine(lm, speculate="ngram", draft_lm=other)
+
+
+def test_configured_model_speculates_in_every_engine_and_reports_it(lm):
+    from llamaforge.generate.api import generate
+    from llamaforge.generate.speculative import configure
+    from llamaforge.server.metrics import Metrics
+    from llamaforge.server.scheduler import _speculation_stats
+
+    plain = generate(lm, "abcabcabcabc hello hello", max_tokens=16, temperature=0, ignore_eos=True)
+    spec_lm = tiny_lm()
+    quantize_model(spec_lm.model, "q4")
+    configure(spec_lm, "ngram", 3)
+    got = generate(spec_lm, "abcabcabcabc hello hello", max_tokens=16, temperature=0, ignore_eos=True)
+    assert got.token_ids == plain.token_ids and got.text == plain.text
+    engine = BatchEngine(spec_lm)
+    assert engine.speculator is not None and engine.speculator.k == 3
+    _run(engine, PROMPTS[:1], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    st = _speculation_stats(engine)
+    assert st["speculative_drafted_tokens"] > 0
+    text = Metrics(lambda: {"tiny": st}).render()
+    assert f'llamaforge_speculative_drafted_tokens{{model="tiny"}} {st["speculative_drafted_tokens"]}' in text
+    assert 'llamaforge_speculative_acceptance_rate{model="tiny"}' in text
+    with pytest.raises(InvalidRequestError, match="draft tokens"):
+        configure(spec_lm, "ngram", 99)

@@ -147,10 +147,7 @@ class Speculator:
     """Decode step with drafting and exact verification for a `BatchEngine` (see the module docstring)."""
 
     def __init__(self, engine, drafter, draft_tokens: int = DEFAULT_DRAFT_TOKENS):
-        if not isinstance(draft_tokens, int) or isinstance(draft_tokens, bool) or not 1 <= draft_tokens <= \
-                MAX_DRAFT_TOKENS:
-            raise InvalidRequestError(f"draft tokens must be an integer in 1..{MAX_DRAFT_TOKENS}, got "
-                                      f"{draft_tokens!r}", field="draft_tokens")
+        _check_k(draft_tokens)
         self.engine = engine
         self.drafter = drafter
         self.k = draft_tokens
@@ -215,9 +212,52 @@ class Speculator:
             at += len(draft) + 1
 
 
-def make_speculator(engine, speculate: str | None, draft_tokens: int | None, draft_lm=None) -> Speculator | None:
-    """The engine's speculator for `speculate` ("off", "ngram" or "draft" with `draft_lm`), or None for off."""
+def configure(lm, speculate: str | None = None, draft_tokens: int | None = None, draft_lm=None) -> None:
+    """Make every engine later built for `lm` speculate (the CLI's --speculate / --draft / --draft-tokens).
+
+    Checks the options now (unknown mode, draft tokens out of range, a draft model with another tokenizer:
+    InvalidRequestError) so a bad flag fails at start-up, not at the first request."""
+    mode = _mode(speculate, draft_lm)
+    _check_k(DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens)
+    if mode == "draft":
+        if draft_lm is None:
+            raise InvalidRequestError("speculate 'draft' needs a draft model (--draft MODEL)", field="draft")
+        check_draft_vocabulary(lm, draft_lm)
+    lm.__dict__["speculation"] = {"speculate": mode, "draft_tokens": draft_tokens, "draft_lm": draft_lm}
+
+
+def check_options(speculate: str | None, draft_tokens: int | None, *, has_draft: bool) -> None:
+    """The checks `configure` makes, before any model is loaded (serve fails at start-up)."""
+    mode = _mode(speculate, object() if has_draft else None)
+    _check_k(DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens)
+    if mode == "draft" and not has_draft:
+        raise InvalidRequestError("speculate 'draft' needs a draft model (--draft MODEL)", field="draft")
+
+
+def _mode(speculate, draft_lm) -> str:
     mode = speculate or ("draft" if draft_lm is not None else "off")
+    if mode not in SPECULATE_MODES:
+        raise InvalidRequestError(f"speculate must be one of {', '.join(SPECULATE_MODES)}, got {mode!r}",
+                                  field="speculate")
+    if draft_lm is not None and mode != "draft":
+        raise InvalidRequestError(f"a draft model is only used with speculate 'draft', not {mode!r}",
+                                  field="speculate")
+    return mode
+
+
+def _check_k(k) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_DRAFT_TOKENS:
+        raise InvalidRequestError(f"draft tokens must be an integer in 1..{MAX_DRAFT_TOKENS}, got {k!r}",
+                                  field="draft_tokens")
+
+
+def make_speculator(engine, speculate: str | None, draft_tokens: int | None, draft_lm=None) -> Speculator | None:
+    """The engine's speculator for `speculate` ("off", "ngram" or "draft" with `draft_lm`), or None for off.
+    With no option given, the model's own setting (`configure`) applies."""
+    if speculate is None and draft_tokens is None and draft_lm is None:
+        held = getattr(engine.lm, "speculation", None) or {}
+        speculate, draft_tokens, draft_lm = held.get("speculate"), held.get("draft_tokens"), held.get("draft_lm")
+    mode = _mode(speculate, draft_lm)
     if mode not in SPECULATE_MODES:
         raise InvalidRequestError(f"speculate must be one of {', '.join(SPECULATE_MODES)}, got {mode!r}",
                                   field="speculate")
