@@ -316,3 +316,25 @@ def test_configured_model_speculates_in_every_engine_and_reports_it(lm):
     assert 'llamaforge_speculative_acceptance_rate{model="tiny"}' in text
     with pytest.raises(InvalidRequestError, match="draft tokens"):
         configure(spec_lm, "ngram", 99)
+
+
+def test_cli_flags_parse_and_bad_combinations_fail_clearly(lm):
+    import argparse
+
+    from llamaforge.cli import generate as gen_cli, run as run_cli, serve as serve_cli
+    from llamaforge.cli.flags import apply_speculation_flags
+    for mod in (gen_cli, run_cli, serve_cli):
+        args = mod.build_parser().parse_args(["smollm2", "--speculate", "ngram", "--draft-tokens", "6"]
+                                             + (["hi"] if mod is gen_cli else []))
+        assert (args.speculate, args.draft, args.draft_tokens) == ("ngram", None, 6)
+    for ns, match in ((dict(speculate="draft", draft=None, draft_tokens=None), "needs a draft model"),
+                      (dict(speculate="ngram", draft=None, draft_tokens=17), "draft tokens"),
+                      (dict(speculate="ngram", draft="x", draft_tokens=None), "only used with speculate 'draft'")):
+        with pytest.raises(InvalidRequestError, match=match):
+            apply_speculation_flags(lm, argparse.Namespace(**ns))
+    target = tiny_lm()
+    assert apply_speculation_flags(target, argparse.Namespace(speculate=None, draft=None, draft_tokens=None)) is None
+    assert "speculation" not in target.__dict__
+    apply_speculation_flags(target, argparse.Namespace(speculate=None, draft="tiny", draft_tokens=2),
+                            draft_lm=tiny_lm(seed=5))
+    assert BatchEngine(target).speculator.drafter.name == "draft"
