@@ -77,8 +77,8 @@ def _messages(name: str) -> list[dict]:
 
 
 def _worker(config: str, prompt: str, threads: int, max_tokens: int, k: int) -> dict:
+    import llamaforge  # first: it sets libgomp's spin policy (GOMP_SPINCOUNT=0) before torch loads libgomp
     import torch
-    import llamaforge
     from llamaforge.generate.chat_formats import chat_format
     from llamaforge.generate.engine import BatchEngine
     from llamaforge.generate.sampling import SamplingParams
