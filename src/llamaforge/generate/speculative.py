@@ -154,9 +154,6 @@ class Speculator:
         # Draft length per request, adapted to how well its drafts do: +2 after a fully accepted draft, -1
         # after a rejection (a rejected token costs a row of the verify forward and returns nothing).
         self._k_of: dict[int, int] = {}
-        # Back-off for text that does not repeat: after a rejected one-token draft a request skips drafting for
-        # 1, 2, 4 ... 16 steps (a verify row that returns nothing costs more than it saves); reset on a success.
-        self._skip_of: dict[int, list[int]] = {}  # request id -> [steps left to skip, current skip length]
         self.steps = 0          # row-steps that verified a draft
         self.drafted = 0        # draft tokens proposed and verified
         self.accepted = 0       # draft tokens the target agreed with
@@ -178,15 +175,10 @@ class Speculator:
         if len(self._k_of) > 4 * eng.max_batch:  # requests cancelled mid-generation leave entries behind
             live = {r.id for r in batch}
             self._k_of = {i: k for i, k in self._k_of.items() if i in live}
-            self._skip_of = {i: v for i, v in self._skip_of.items() if i in live}
         drafts = []
         tokens, positions, rows = [], [], []
         for req in batch:
             k = self._budget(req)
-            skip = self._skip_of.get(req.id)
-            if skip is not None and skip[0] > 0:
-                skip[0] -= 1
-                k = 0
             draft = self.drafter.propose(req, k)[:k] if k > 0 else []
             drafts.append(draft)
             feed = [req._next_token] + draft
@@ -213,15 +205,8 @@ class Speculator:
                 self.accepted += good
                 k = self._k_of.get(req.id, self.k)
                 self._k_of[req.id] = min(self.k, k + 2) if good == len(draft) else max(1, k - 1)
-                skip = self._skip_of.setdefault(req.id, [0, 0])
-                if good:
-                    skip[1] = 0
-                elif len(draft) == 1:
-                    skip[1] = min(16, max(1, 2 * skip[1]))
-                    skip[0] = skip[1]
             if req.done:
                 self._k_of.pop(req.id, None)
-                self._skip_of.pop(req.id, None)
             else:
                 self.drafter.accepted(req, len(req._all_ids) - 1)  # the last token is not in the cache yet
             at += len(draft) + 1
