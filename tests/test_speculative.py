@@ -343,3 +343,18 @@ def test_cli_flags_parse_and_bad_combinations_fail_clearly(lm):
     apply_speculation_flags(target, argparse.Namespace(speculate=None, draft="tiny", draft_tokens=2),
                             draft_lm=tiny_lm(seed=5))
     assert BatchEngine(target).speculator.drafter.name == "draft"
+
+
+def test_server_model_manager_applies_serve_speculation_flags():
+    from llamaforge.server.app import ServerConfig
+    from llamaforge.server.metrics import Metrics
+    from llamaforge.server.models import ModelManager
+
+    served = tiny_lm()
+    manager = ModelManager(ServerConfig(speculate="ngram", draft_tokens=5), Metrics(), loader=lambda name: served)
+    assert manager._load("tiny") is served
+    engine = BatchEngine(served)
+    assert engine.speculator.drafter.name == "ngram" and engine.speculator.k == 5
+    plain = tiny_lm()
+    assert ModelManager(ServerConfig(), Metrics(), loader=lambda name: plain)._load("tiny") is plain
+    assert BatchEngine(plain).speculator is None
