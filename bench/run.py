@@ -46,9 +46,9 @@ class LlamaforgeRunner:
     artifact is cached (`prepare_compiled` builds it before the timed runs); ":eager" turns that off."""
 
     def __init__(self, path: Path, quant: str | None, threads: int, compiled: bool = True):
+        import llamaforge  # before torch: it sets libgomp's wait policy, which libgomp reads once, when torch loads it
         import torch
         torch.set_num_threads(threads)
-        import llamaforge
         from llamaforge.generate import compiled
         self.torch, self.compiled = torch, compiled
         with Timer() as t:
@@ -322,7 +322,7 @@ def prepare_compiled(configs, path: Path, threads: int) -> dict:
         if not c.startswith("llamaforge") or "eager" in c.split(":") or c.split(":")[1:2] == ["none"]:
             continue
         quant = next((p for p in c.split(":")[1:] if p != "eager"), None)
-        code = ("import sys, time, torch; torch.set_num_threads(int(sys.argv[2])); import llamaforge; "
+        code = ("import sys, time, llamaforge, torch; torch.set_num_threads(int(sys.argv[2])); "
                 "t = time.perf_counter(); lm = llamaforge.load(sys.argv[1], quant=sys.argv[3] or None, compile=True); "
                 "print(round(time.perf_counter() - t, 1) if lm.compiled else 'none')")
         r = subprocess.run([sys.executable, "-c", code, str(path), str(threads), quant or ""],
