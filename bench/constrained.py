@@ -7,7 +7,9 @@ to round, so no mode always runs first or last), so all see the same machine loa
 constrained modes under a constraint that cannot end earlier (a JSON Schema with a long minLength, a regex of
 long words, a forced tool call whose argument is a long string). Speed is decode tokens/s (prefill excluded), and the process's CPU time per decoded token (time.process_time()
 over the decode, from the first token to the last): wall time on a shared machine swings with the neighbours'
-load, CPU time much less (with --threads 1 it is the clearest measure of the work each mode adds).
+load, CPU time less so (--threads 1 gives the cleanest). The per-token code that differs between modes (the
+sampler with its logits processors, the output filters) is timed on its own: "added work vs free" is that CPU
+time minus free decoding's, against free decoding's whole CPU time per token.
 Compile: cold compile time of ordinary schemas and of a tool-call grammar, and the engine's tokenizer build.
 """
 from __future__ import annotations
@@ -64,8 +66,29 @@ def _load(threads: int):
                            compile=False)
 
 
+def _timed(cls, name: str, acc: list) -> None:
+    """Add the CPU time of every call of cls.name to acc[0]."""
+    f = getattr(cls, name)
+
+    def timed(*a, **k):
+        t0 = time.process_time()
+        try:
+            return f(*a, **k)
+        finally:
+            acc[0] += time.process_time() - t0
+    setattr(cls, name, timed)
+
+
 def worker_speed(mode: str, tokens: int, threads: int) -> dict:
     lm = _load(threads)
+    from llamaforge.generate.sampling import Sampler
+    from llamaforge.generate.stage import Output
+    # The only per-token code that differs between modes: the sampler's processor chain (grammar masks, the tool
+    # processor) and the output filters (tool-call parsing). Their CPU time is measured directly, so the cost a
+    # mode adds can be read apart from the model step, whose time swings with the machine's load.
+    sampler, filters = [0.0], [0.0]
+    _timed(Sampler, "__call__", sampler)
+    _timed(Output, "feed", filters)
     lm.chat(PROMPT, max_tokens=4, temperature=0)  # warm up (and build the engine tokenizer outside the timing)
     if mode != "free":
         lm.chat(PROMPT, max_tokens=2, temperature=0, **MODES[mode])  # compile once, outside the timing
@@ -74,11 +97,13 @@ def worker_speed(mode: str, tokens: int, threads: int) -> dict:
     for _ in s:  # the CPU clock starts at the first token (prefill excluded), as decode_seconds does
         if cpu0 is None:
             cpu0 = time.process_time()
+            sampler[0] = filters[0] = 0.0
     cpu = time.process_time() - cpu0
     c = s.completion
     n = c.usage["completion_tokens"]
-    return {"mode": mode, "tokens": n, "decode_s": c.timings["decode_seconds"], "cpu_ms": cpu / (n - 1) * 1e3,
-            "finish": c.finish_reason}
+    per = 1e3 / (n - 1)
+    return {"mode": mode, "tokens": n, "decode_s": c.timings["decode_seconds"], "cpu_ms": cpu * per,
+            "sampler_ms": sampler[0] * per, "filters_ms": filters[0] * per, "finish": c.finish_reason}
 
 
 def worker_compile(threads: int) -> dict:
@@ -141,14 +166,20 @@ def main(argv=None) -> int:
     lines = [f"Decode speed, SmolLM2 Q4_1 (default fast path), {a.tokens} tokens, {a.threads} torch thread(s), "
              f"median of {a.reps} interleaved rounds, each run in its own process; 1-minute load average "
              f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores (shared machine)", "",
-             "| mode | tokens/s (median) | runs | vs free | CPU ms/token (median) | vs free (CPU) | finish |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | tokens/s (median) | runs | vs free | CPU ms/token (median) | vs free (CPU) | "
+             "sampler + processors ms/token | output filters ms/token | added work vs free | finish |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    free_side = statistics.median(r["sampler_ms"] + r["filters_ms"] for r in speed["free"])
     for mode, rs in speed.items():
         tps = [r["tokens"] / r["decode_s"] for r in rs]
         med = statistics.median(tps)
         cpu = statistics.median(r["cpu_ms"] for r in rs)
+        smp, flt = (statistics.median(r[k] for r in rs) for k in ("sampler_ms", "filters_ms"))
+        added = smp + flt - free_side  # per-token CPU the mode adds over free decoding
         lines.append(f"| {mode} | {med:.1f} | {', '.join(f'{x:.1f}' for x in tps)} | {med / free:.2f}x | "
-                     f"{cpu:.1f} | {free_cpu / cpu:.2f}x | {', '.join(sorted({r['finish'] for r in rs}))} |")
+                     f"{cpu:.1f} | {free_cpu / cpu:.2f}x | {smp:.2f} | {flt:.3f} | "
+                     f"{added:+.2f} ms ({added / free_cpu * 100:+.1f}%) | "
+                     f"{', '.join(sorted({r['finish'] for r in rs}))} |")
     lines += ["", "Cold compile time (ms, median of rounds):", "", "| grammar | ms |", "|---|---|"]
     for name in compiles[0]:
         lines.append(f"| {name} | {statistics.median(c[name] for c in compiles):.1f} |")
