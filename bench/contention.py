@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, smollm2_gguf, write_json_atomic, write_text_atomic  # noqa: E402
+from common import OUT, peer_bin, peer_env, smollm2_gguf, write_json_atomic, write_text_atomic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIGS = "lf,lf:eager,lf:spin300k,lf:spin10k,lf:t1,llama.cpp"
@@ -58,19 +57,13 @@ def worker(a) -> int:
     return 0
 
 
-def peer_bin(name: str) -> Path | None:
-    d = Path(os.environ.get("LLAMAFORGE_PEER_BIN", ROOT / ".peers" / "bin"))
-    p = d / name
-    return p if p.is_file() and os.access(p, os.X_OK) else (Path(shutil.which(name)) if shutil.which(name) else None)
-
-
 def run_llamacpp(model: Path, tokens: int, timeout: int) -> dict:
     exe = peer_bin("llama-bench")
     if exe is None:
         return {"error": "llama-bench not found (set LLAMAFORGE_PEER_BIN)"}
     r = subprocess.run([str(exe), "-m", str(model), "-p", "0", "-n", str(tokens), "-r", "1", "-o", "json"],
                        capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "LD_LIBRARY_PATH": f"{exe.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"})
+                       env=peer_env(exe))
     if r.returncode != 0:
         return {"error": (r.stderr or r.stdout).strip().splitlines()[-1:]}
     row = json.loads(r.stdout)[0]

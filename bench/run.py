@@ -25,7 +25,7 @@ from common import (OUT, TEXT, Timer, nll_sum, peak_rss_mb, perplexity_windows, 
                     summarize, write_json_atomic, write_text_atomic)
 
 DEFAULT_CONFIGS = ["llamaforge", "llamaforge:eager", "llamaforge:none", "llama.cpp", "hf-fp32", "hf-bf16"]
-PEERS = ["llama.cpp", "hf-fp32", "hf-bf16"]
+PEERS = ["llama.cpp", "llama-bench", "hf-fp32", "hf-bf16"]
 PROMPT_LENS = (128, 512)
 NEW_TOKENS = 128
 N_CTX = 1024          # cache / context size for the speed runs (512 prompt + headroom)
@@ -46,9 +46,9 @@ class LlamaforgeRunner:
     artifact is cached (`prepare_compiled` builds it before the timed runs); ":eager" turns that off."""
 
     def __init__(self, path: Path, quant: str | None, threads: int, compiled: bool = True):
+        import llamaforge  # before torch: it sets libgomp's wait policy, which libgomp reads once, when torch loads it
         import torch
         torch.set_num_threads(threads)
-        import llamaforge
         from llamaforge.generate import compiled
         self.torch, self.compiled = torch, compiled
         with Timer() as t:
@@ -149,7 +149,37 @@ def make_runner(config: str, path: Path, threads: int, for_ppl: bool = False):
 
 
 # --------------------------------------------------------------------------------------------- workers
+def worker_llama_bench(path: Path, threads: int) -> dict:
+    """config "llama-bench": llama.cpp's own benchmark binary ($LLAMAFORGE_PEER_BIN), for machines without the
+    llama-cpp-python wheel. Prefill at 128/512 tokens from an empty cache, decode of NEW_TOKENS tokens after a
+    128-token prompt (`-d 128`), as our worker measures; peak RSS of the llama-bench processes. llama-bench
+    reports no time to first token and no load time."""
+    import resource
+    from common import peer_bin, peer_env
+    exe = peer_bin("llama-bench")
+    if exe is None:
+        raise SystemExit("llama-bench not found (set LLAMAFORGE_PEER_BIN)")
+
+    def run(*args) -> list[dict]:
+        p = subprocess.run([str(exe), "-m", str(path), "-t", str(threads), "-r", "1", "-o", "json", *args],
+                           capture_output=True, text=True, env=peer_env(exe), timeout=1800)
+        if p.returncode != 0:
+            raise SystemExit((p.stderr or p.stdout)[-500:])
+        return json.loads(p.stdout)
+
+    res = {"config": "llama-bench", "load_s": None, "ttft_ms": None, "greedy_ids": None}
+    for row in run("-p", ",".join(map(str, PROMPT_LENS)), "-n", "0"):
+        res[f"prefill_{row['n_prompt']}"] = float(row["avg_ts"])
+    row = run("-p", "0", "-n", str(NEW_TOKENS), "-d", str(PROMPT_LENS[0]))[0]
+    res["decode"] = float(row["avg_ts"])
+    res["detail"] = f"llama-bench {row.get('build_commit', '?')}, {row.get('type_k', '')} cache"
+    res["rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return res
+
+
 def worker_speed(config: str, path: Path, ids: list[int], threads: int) -> dict:
+    if config == "llama-bench":
+        return worker_llama_bench(path, threads)
     r = make_runner(config, path, threads)
     # Warm-up: first calls pay for lazy initialisation (kernels, allocator), not what we measure.
     r.prefill(ids[:16])
@@ -292,7 +322,7 @@ def prepare_compiled(configs, path: Path, threads: int) -> dict:
         if not c.startswith("llamaforge") or "eager" in c.split(":") or c.split(":")[1:2] == ["none"]:
             continue
         quant = next((p for p in c.split(":")[1:] if p != "eager"), None)
-        code = ("import sys, time, torch; torch.set_num_threads(int(sys.argv[2])); import llamaforge; "
+        code = ("import sys, time, llamaforge, torch; torch.set_num_threads(int(sys.argv[2])); "
                 "t = time.perf_counter(); lm = llamaforge.load(sys.argv[1], quant=sys.argv[3] or None, compile=True); "
                 "print(round(time.perf_counter() - t, 1) if lm.compiled else 'none')")
         r = subprocess.run([sys.executable, "-c", code, str(path), str(threads), quant or ""],
@@ -415,7 +445,8 @@ def main(argv=None, prog: str | None = None) -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                    help="comma list: llamaforge[:QUANT] (QUANT: none, bf16, int8, q4), llama.cpp, hf-fp32, hf-bf16")
+                    help="comma list: llamaforge[:QUANT] (QUANT: none, bf16, int8, q4), llama.cpp "
+                         "(llama-cpp-python), llama-bench (llama.cpp's binary), hf-fp32, hf-bf16")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", "-t", type=int, default=None,
                     help="threads for every side (default: llamaforge's default, one per usable core)")
@@ -441,6 +472,8 @@ def main(argv=None, prog: str | None = None) -> int:
         return gpu_main(path, a.out)
     if a.worker:
         ids = json.loads(a.ids_file.read_text())
+        if a.task != "speed" and a.worker == "llama-bench":
+            raise SystemExit("llama-bench measures no perplexity (bench/eval_bench.py runs llama-perplexity)")
         res = (worker_speed if a.task == "speed" else worker_ppl)(a.worker, path, ids, a.threads)
         print(json.dumps(res))
         return 0
@@ -463,12 +496,12 @@ def main(argv=None, prog: str | None = None) -> int:
             r["rep"] = rep
             runs.append(r)
             msg = r.get("error") or (f"prefill128 {r['prefill_128']:.0f} prefill512 {r['prefill_512']:.0f} "
-                                     f"decode {r['decode']:.1f} tok/s rss {r['rss_mb']:.0f} MB load {r['load_s']:.2f} s")
+                                     f"decode {r['decode']:.1f} tok/s rss {r['rss_mb']:.0f} MB load {r['load_s'] or 0:.2f} s")
             print(f"[rep {rep + 1}/{a.reps}] {c}: {msg} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
                   flush=True)
     ppl = {}
     if not a.no_ppl:
-        for c in configs:
+        for c in [c for c in configs if c != "llama-bench"]:
             ppl[c] = run_worker("ppl", c, ids_file, a.threads, path, a.timeout)
             print(f"[ppl] {c}: {ppl[c].get('ppl') or ppl[c].get('error')}", file=sys.stderr, flush=True)
     table = aggregate(configs, runs, ppl)

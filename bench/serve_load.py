@@ -29,6 +29,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peer_bin, peer_env  # noqa: E402
+
 TOPICS = ["a dragon", "the sea", "a lost key", "a robot", "autumn", "a small town", "the moon", "a detective",
           "a garden", "a storm", "a library", "a train journey", "a lighthouse", "a violin", "a desert", "a fox"]
 
@@ -66,10 +69,6 @@ def _wait_healthy(proc: subprocess.Popen, url: str, name: str, timeout: float) -
     raise SystemExit(f"{name} did not become healthy within {timeout:g} s")
 
 
-def peer_bin() -> Path:
-    return Path(os.environ.get("LLAMAFORGE_PEER_BIN", Path(__file__).resolve().parent.parent / ".peers" / "bin"))
-
-
 def gguf_path(model: str) -> Path:
     """The GGUF file behind a store name or path (llama-server needs the file itself)."""
     if Path(model).is_file():
@@ -79,16 +78,16 @@ def gguf_path(model: str) -> Path:
 
 
 def start_peer(gguf: Path, slots: int, ctx: int, threads: int) -> tuple[subprocess.Popen, str]:
-    exe = peer_bin() / "llama-server"
-    if not exe.exists():
-        raise SystemExit(f"{exe} not found: build llama.cpp's tools from the llama-cpp-python 0.3.36 sdist "
+    exe = peer_bin("llama-server")
+    if exe is None:
+        raise SystemExit("llama-server not found: build llama.cpp's tools from the llama-cpp-python 0.3.36 sdist "
                          "into it, or point LLAMAFORGE_PEER_BIN at them")
     port = _free_port()
     # -c is the total context shared by the slots: ctx tokens each, as our server gives every row.
     cmd = [str(exe), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-np", str(slots),
            "-c", str(ctx * slots), "-t", str(threads), "-tb", str(threads), "--cont-batching", "--log-disable"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, LD_LIBRARY_PATH=str(exe.parent)))
+                            env=peer_env(exe))
     return proc, _wait_healthy(proc, f"http://127.0.0.1:{port}", "llama-server", 120)
 
 

@@ -8,7 +8,6 @@ fails them. Prompts are long enough (up to ~400 tokens) to span several prefill 
 """
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -21,6 +20,7 @@ import pytest
 import llamaforge
 from llamaforge.generate.engine import BatchEngine
 from llamaforge.generate.sampling import SamplingParams
+from sse_support import stream_chat_text
 
 # Minutes on 2 cores (16 engines' worth of single runs as references): run with `-m slow`; make test stays fast.
 pytestmark = pytest.mark.slow
@@ -164,15 +164,7 @@ def _chat(url: str, text: str, stream: bool) -> str:
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         return r.json()["choices"][0]["message"]["content"]
-    out = []
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                ch = json.loads(line[6:])["choices"]
-                if ch:
-                    out.append(ch[0]["delta"].get("content") or "")
-    return "".join(out)
+    return stream_chat_text(url, body)
 
 
 def test_streamed_equals_not_streamed_through_the_server_under_load(lm):

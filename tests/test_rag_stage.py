@@ -112,13 +112,31 @@ SOURCES = [{"n": 1, "source": "a.md", "text": "The ferry is called the Grey Hero
 @pytest.mark.parametrize("answer,expect,how", [
     ("The ferry is the Grey Heron.", "The ferry is the Grey Heron. [1]", "attributed"),
     ("It holds 1.7 litres", "It holds 1.7 litres [2]", "attributed"),
-    ("The kettle holds 1.7 litres [3].", "The kettle holds 1.7 litres [3].", "model"),   # the model's own stays
+    ("The warranty lasts 3 years [3].", "The warranty lasts 3 years [3].", "model"),   # the model's own stays
     ("The sources do not say.", "The sources do not say.", "none"),
     ("Blue.", "Blue.", "none"),                                            # nothing distinctive: no guess
 ])
 def test_unmarked_answers_are_attributed_to_the_source_with_their_words(answer, expect, how):
     out = Output([CitationFilter(SOURCES)], SOURCES)
     text = "".join(d.text for d in out.feed(answer))
+    tail, result = out.finish("stop")
+    assert text + "".join(d.text for d in tail) == expect == result.text
+    assert result.extra["citation_markers"] == how
+
+
+@pytest.mark.parametrize("pieces,expect,how", [
+    # the model copied from [1] and wrote [3]: the marker follows the words (also when split across tokens)
+    (["The kettle holds 1.7 litres and uses 2200 watts [1]."], "The kettle holds 1.7 litres and uses 2200 watts [2].",
+     "corrected"),
+    (["The kettle holds 1.7 litres. [", "1]"], "The kettle holds 1.7 litres. [2]", "corrected"),
+    (["The ferry is the Grey Heron [1]. The warranty is 3 years [3]."],
+     "The ferry is the Grey Heron [1]. The warranty is 3 years [3].", "model"),      # each right: kept
+    (["The warranty is 3 years [2]."], "The warranty is 3 years [3].", "corrected"),  # same file, better passage
+    (["It is blue [2]."], "It is blue [2].", "model"),                              # nothing to go by: kept
+])
+def test_wrong_markers_follow_the_words_used(pieces, expect, how):
+    out = Output([CitationFilter(SOURCES)], SOURCES)
+    text = "".join(d.text for p in pieces for d in out.feed(p))
     tail, result = out.finish("stop")
     assert text + "".join(d.text for d in tail) == expect == result.text
     assert result.extra["citation_markers"] == how
@@ -139,3 +157,17 @@ def test_grounded_answer_from_smollm2(tmp_path_factory):
     cited = [x for x in c.citations if x["cited"]]
     assert cited and cited[0]["source"].endswith("harbour_ferry.md")
     assert f"[{cited[0]['n']}]" in c.text
+
+
+def test_nothing_retrieved_means_no_sources_and_no_citation(tmp_path_factory):
+    # an empty collection: the model is told there are no sources, and whatever marker
+    # it writes names no passage, so it is removed: a citation is never made up
+    from llamaforge.rag.index import Index, rag_home
+    rag_home().mkdir(parents=True, exist_ok=True)
+    Index("empty", create=True).close()
+    p = plan(tiny_chat_lm(), build_request(messages=[{"role": "user", "content": "Who built the tower?"}],
+                                           retrieval="empty"))
+    assert p.citations == [] and [m["role"] for m in p.messages] == ["system", "user"]
+    assert "no sources" in p.messages[-1]["content"] and "Who built the tower?" in p.messages[-1]["content"]
+    got, result = _run_filter(["It was Anna Holt [1]."], n=0)
+    assert got == "It was Anna Holt ." and result.citations == [] and result.extra["citation_markers"] == "none"

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from llamaforge.server.app import ServerConfig, create_app, make_server
+from sse_support import stream_chat_text
 
 KEY = "test-key-123"
 CTX = 256
@@ -255,17 +256,8 @@ def test_ollama_create_show_delete(srv):
 
 # ------------------------------------------------------------------------------------------------ batching
 def _stream_chat(url, question, max_tokens=12) -> str:
-    body = {"model": "smollm2", "messages": _user(question), "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}
-    out = []
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                ch = json.loads(line[6:])["choices"]
-                if ch:
-                    out.append(ch[0]["delta"].get("content") or "")
-    return "".join(out)
+    return stream_chat_text(url, {"model": "smollm2", "messages": _user(question), "max_tokens": max_tokens,
+                                  "temperature": 0})
 
 
 def test_16_concurrent_streams_match_solo_runs(srv):

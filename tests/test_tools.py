@@ -228,6 +228,48 @@ def test_llama3_call_grammar_with_python_tag(llama3_tokenizer_model):
     assert m.try_consume_tokens(tok.encode(good)) == 0  # the call must open with the control token
 
 
+def _feed_processor(proc, prompt, generated, vocab):
+    """Drive a logits processor as the engine does: the prompt, then one sampled id at a time."""
+    import torch
+    ids = list(prompt)
+    proc(ids, torch.zeros(vocab))
+    for t in generated:
+        ids.append(t)
+        proc(ids, torch.zeros(vocab))
+
+
+def test_processor_reports_where_the_calls_begin(llama3_tokenizer_model, smollm2_gguf):
+    """The channel offset the output filter cuts at: a control-token opener leaves no text, so the processor
+    reports it (forced: at 0; auto: after the answer text); a text opener in forced mode needs no report."""
+    from llamaforge.generate.tools.processor import CallProcessor
+    tools = [Tool(t["function"]["name"], t["function"]["description"], t["function"]["parameters"])
+             for t in (WEATHER, TIME)]
+    call = '{"type": "function", "name": "get_time", "parameters": {"tz": "CET"}}'
+    tok = load_tokenizer(llama3_tokenizer_model)
+    tag = tok.special_tokens["<|python_tag|>"]
+    g = engine.compile_grammar(tok, "lark", engine.lark_grammar(
+        calls_lark(tools, tool_format.LLAMA3_JSON, parallel=True)))
+    prompt = tok.encode("Weather?")
+    for forced, before in [(True, ""), (False, "Sure, one moment.")]:
+        ch = Channel()
+        proc = CallProcessor(g, tool_format.LLAMA3_JSON, tok, tok.stop_ids, ch, forced=forced)
+        _feed_processor(proc, prompt, tok.encode(before) + [tag] + tok.encode(call), tok.vocab_size)
+        assert ch.call_start == len(before) and not proc.inner.failed and proc.inner.matcher.is_accepting()
+    hermes_tok = load_tokenizer(smollm2_gguf)
+    g = engine.compile_grammar(hermes_tok, "lark", engine.lark_grammar(
+        calls_lark(tools, tool_format.HERMES, parallel=False)))
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+    for forced, before, start in [(True, "", None), (False, "Let me check. ", len("Let me check. "))]:
+        ch = Channel()
+        proc = CallProcessor(g, tool_format.HERMES, hermes_tok, hermes_tok.stop_ids, ch, forced=forced)
+        _feed_processor(proc, hermes_tok.encode("Hi"), hermes_tok.encode(before + call), hermes_tok.vocab_size)
+        assert ch.call_start == start and not proc.inner.failed and proc.inner.matcher.is_accepting()
+        # what the filter makes of that text with this channel: the same calls either way
+        flt = ToolCallFilter(tool_format.HERMES, "forced" if forced else "auto", ch)
+        _, result = _run_filter(flt, before + call, 5)
+        assert result.text == before and result.tool_calls[0]["function"]["arguments"] == '{"tz": "UTC"}'
+
+
 # ------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs, field", [
     (dict(tools=[WEATHER], tool_choice="get_wether"), "tool_choice"),

@@ -150,3 +150,30 @@ def load_model(name: str, *, dtype: str | None = None, quant: str | None = None,
         if tty:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+
+
+def add_speculation_flags(p: argparse.ArgumentParser) -> None:
+    """--speculate / --draft / --draft-tokens (speculative decoding; the output stays the same token for token)."""
+    p.add_argument("--speculate", choices=("off", "ngram", "draft"), default=None,
+                   help="speculative decoding: ngram = draft from earlier text (prompt lookup: fast on edits, "
+                        "quotes, summaries), draft = from --draft's model; output unchanged (default off)")
+    p.add_argument("--draft", metavar="MODEL", default=None,
+                   help="a smaller model with the same tokenizer that drafts tokens for the main one")
+    p.add_argument("--draft-tokens", type=int, metavar="K", default=None,
+                   help="tokens drafted per step (1-16, default 4)")
+
+
+def apply_speculation_flags(lm, args: argparse.Namespace, *, draft_lm=None):
+    """Turn on the speculation --speculate/--draft ask for on `lm` (loading the draft model unless given);
+    returns the draft model or None. Bad values raise InvalidRequestError (a clear "Error: ..." line)."""
+    mode, draft, k = getattr(args, "speculate", None), getattr(args, "draft", None), getattr(args, "draft_tokens", None)
+    if mode is None and draft is None and k is None:
+        return None
+    from ..generate.speculative import check_options, configure
+    check_options(mode, k, has_draft=draft is not None or draft_lm is not None)
+    if draft is not None and draft_lm is None and mode in (None, "draft"):
+        import llamaforge
+        draft_lm = llamaforge.load(draft, dtype=getattr(args, "dtype", None), quant=getattr(args, "quant", None),
+                                   compile=False)
+    configure(lm, mode or ("draft" if draft_lm is not None else "off"), k, draft_lm)
+    return draft_lm

@@ -6,8 +6,8 @@ import json
 import sys
 
 from .._fs import read_stdin
-from .flags import (add_constraint_flags, add_load_flags, add_sampling_flags, check_sampling, constraint_from_args,
-                    load_model, sampling_from_args)
+from .flags import (add_constraint_flags, add_load_flags, add_sampling_flags, add_speculation_flags,
+                    apply_speculation_flags, check_sampling, constraint_from_args, load_model, sampling_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_constraint_flags(p)
     add_load_flags(p)
+    add_speculation_flags(p)
     return p
 
 
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> int:
     sampling.update(constraint)
     prompt = read_stdin() if args.prompt == "-" else args.prompt
     lm = load_model(args.model, dtype=args.dtype, quant=args.quant, threads=args.threads)
+    apply_speculation_flags(lm, args)
     from ..generate.api import generate, stream
     if args.json:
         c = generate(lm, prompt, **sampling)

@@ -15,8 +15,8 @@ import threading
 import time
 
 from .._fs import read_stdin
-from .flags import (add_constraint_flags, add_load_flags, add_sampling_flags, check_sampling, constraint_from_args,
-                    load_model, sampling_from_args)
+from .flags import (add_constraint_flags, add_load_flags, add_sampling_flags, add_speculation_flags,
+                    apply_speculation_flags, check_sampling, constraint_from_args, load_model, sampling_from_args)
 
 DEFAULT_MODEL = "smollm2"
 DEMO_PROMPT = "In two or three sentences, why is the sky blue?"
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p, defaults=RUN_DEFAULTS)
     add_constraint_flags(p)
     add_load_flags(p)
+    add_speculation_flags(p)
     return p
 
 
@@ -293,6 +294,7 @@ def main(argv: list[str]) -> int:
         demo = not text
         text = text or DEMO_PROMPT
     lm = load_model(args.model, dtype=args.dtype, quant=args.quant, threads=args.threads)
+    apply_speculation_flags(lm, args)
     if demo and "temperature" not in sampling and "temperature" not in ((lm.defaults or {}).get("options") or {}):
         sampling["temperature"] = 0.0  # the demo answer is reproducible
     system = args.system if args.system is not None else (lm.defaults or {}).get("system")

@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import LlamaforgeError
-from .flags import add_threads_flag, apply_threads_flag
+from .flags import add_speculation_flags, add_threads_flag, apply_threads_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "dense weights, whose batched results match single-request results exactly)")
     add_threads_flag(p, "CPU threads for every model (default: a model's num_thread parameter, else "
                         "$LLAMAFORGE_NUM_THREADS or $OMP_NUM_THREADS, else one per core this process may use)")
+    add_speculation_flags(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     # Safety shields for every request (issue 15); a request's own `guards` field overrides them.
     p.add_argument("--guard-input", action="store_true", help="classify each prompt first; unsafe ones are "
@@ -80,6 +81,9 @@ def main(argv: list[str]) -> int:
     if args.quant is not None:
         from ..model.quant import resolve_quant
         resolve_quant(args.quant, args.dtype)  # InvalidRequestError -> "Error: unknown quant ..."
+    if args.speculate is not None or args.draft is not None or args.draft_tokens is not None:
+        from ..generate.speculative import check_options
+        check_options(args.speculate, args.draft_tokens, has_draft=args.draft is not None)  # fail before loading
     models = args.models or ["smollm2"]
     # Fail fast on a name that does not exist; the weights themselves load in the background.
     from ..store import resolve
@@ -102,7 +106,8 @@ def main(argv: list[str]) -> int:
                           allowed_origins=args.allow_origin, allowed_hosts=args.allow_host,
                           load_on_demand=not args.no_load_on_demand, max_loaded=args.max_loaded, dtype=args.dtype,
                           quant=args.quant, threads=args.threads, max_connections=args.max_connections,
-                          exit_on_load_failure=True, guards=_guards(args), allow_pull_from=allow_pull)
+                          exit_on_load_failure=True, guards=_guards(args), allow_pull_from=allow_pull,
+                          speculate=args.speculate, draft=args.draft, draft_tokens=args.draft_tokens)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llamaforge.server")
     if not is_loopback_host(args.host):

@@ -24,6 +24,7 @@ from ..model.llama import ATTENTION_BLOCK
 from . import compiled
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
 from .sampling import LogitsProcessor, Sampler, SamplingParams, check_token_ids
+from .speculative import make_speculator
 
 DEFAULT_MAX_SEQ_LEN = 4096
 # Prompt tokens per forward: 256 is faster than 512 on CPU (the activations stay in cache; bench/NOTES.md) and
@@ -205,10 +206,14 @@ class BatchEngine:
     max_batch * max_seq_len values). prefill_chunk: prompt tokens processed per step. prefix_cache_bytes: memory
     for prompt-prefix keys/values kept across requests (`PrefixCache`; 0 turns it off; rows that still hold a
     finished request's prompt are reused either way).
+    speculate: "off" (default), "ngram" (prompt-lookup drafts) or "draft" (drafts from `draft_lm`, a smaller
+    model with the same tokenizer); draft_tokens: tokens drafted per row and step (generate/speculative.py;
+    the output is the same as without speculation, token for token).
     """
 
     def __init__(self, lm, max_batch: int = 4, max_seq_len: int | None = None, *,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 speculate: str | None = None, draft_tokens: int | None = None, draft_lm=None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         if max_seq_len is None:
@@ -237,6 +242,7 @@ class BatchEngine:
         self._stepping = False
         base = getattr(self.tokenizer, "stop_ids", None) if self.tokenizer is not None else None
         self._tokenizer_stop_ids = frozenset(base or ())
+        self.speculator = make_speculator(self, speculate, draft_tokens, draft_lm)
 
     # -- queue management -------------------------------------------------------------------------------------
 
@@ -401,6 +407,9 @@ class BatchEngine:
         if not batch:
             return
         batch.sort(key=lambda r: r.row)
+        if self.speculator is not None:  # eager verify path; every step of these rows takes it (same kernels)
+            self.speculator.decode(batch, events)
+            return
         logits = None
         if compiled.current(self.lm) is not None:  # the AOT-compiled steps (generate/compiled.py) when built
             if len(batch) == 1:
@@ -427,29 +436,31 @@ class BatchEngine:
             self.cache.lengths[req.row] = req.pos
             self._emit(req, logits[i], events)
 
-    def _emit(self, req: Request, logits: torch.Tensor, events: list) -> None:
-        """Sample the next token for `req` and turn it into an event (finishing the request if it ends)."""
+    def _emit(self, req: Request, logits: torch.Tensor, events: list) -> int:
+        """Sample the next token for `req` and turn it into an event (finishing the request if it ends);
+        returns the sampled token id."""
         s = req.sampler(logits, req._all_ids)
         req.completion_tokens += 1
         tok = s.id
         if tok in req.stop_ids:
             text, _ = req._text.finish()
             self._done_event(req, tok, s, text, "stop", events)
-            return
+            return tok
         req.output_ids.append(tok)
         req._all_ids.append(tok)
         text, hit = req._text.feed(tok)
         if hit:
             self._done_event(req, tok, s, text, "stop", events)
-            return
+            return tok
         # The sampled token would be fed at position req.pos; it must still fit in the row.
         if req.completion_tokens >= req.params.max_tokens or req.pos + 1 >= self.max_seq_len:
             rest, hit = req._text.finish()
             self._done_event(req, tok, s, text + rest, "stop" if hit else "length", events)
-            return
+            return tok
         req._next_token = tok
         req.text += text
         events.append((req, TokenEvent(tok, text, s.logprob, s.top_logprobs, None)))
+        return tok
 
     def _done_event(self, req, tok, s, text, reason, events) -> None:
         req.text += text

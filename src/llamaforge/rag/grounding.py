@@ -164,11 +164,12 @@ _OPEN = re.compile(r"[\[【][^\]】\n]{0,24}$")
 class CitationFilter(OutputFilter):
     """Canonical [n] markers; markers naming no given source dropped. Records the cited numbers.
 
-    An answer that states something without any marker gets one for the source it was drawn from, when one
-    source clearly holds its distinctive words (see `attribute`); `result.extra["citation_markers"]` says
-    whether the markers were the model's ("model"), added ("attributed") or absent ("none"). Small models often
-    answer from a passage without writing its number; the passage is still what a reader needs to check the
-    answer against.
+    A marker whose passage lacks the distinctive words of the sentence before it is re-pointed at the passage
+    that clearly holds them (small models copy from [1] and write [3]). An answer that states something without
+    any marker gets one for the source it was drawn from, when one source clearly holds its distinctive words
+    (see `attribute`); `result.extra["citation_markers"]` says whether the markers were the model's ("model"),
+    re-pointed ("corrected"), added ("attributed") or absent ("none"). The passage is what a reader needs to
+    check the answer against, whatever number the model wrote.
     """
 
     def __init__(self, citations: list[dict] | int):
@@ -179,8 +180,9 @@ class CitationFilter(OutputFilter):
         self.pending = ""
         self.cited: list[int] = []
         self.text: list[str] = []
+        self.corrected = False
 
-    def _rewrite(self, m: re.Match) -> str:
+    def _rewrite(self, m: re.Match, before: str) -> str:
         nums = []
         for part in re.split(r"\s*(?:,|;|and|&)\s*", m.group(1), flags=re.IGNORECASE):
             part = re.sub(r"(?i)sources?|src", "", part).strip()
@@ -190,10 +192,26 @@ class CitationFilter(OutputFilter):
             elif part.isdigit():
                 nums.append(int(part))
         keep = [x for x in dict.fromkeys(nums) if 1 <= x <= self.n]
+        better = self._better_source(before, keep)
+        if better is not None:
+            keep = [better]
+            self.corrected = True
         for x in keep:
             if x not in self.cited:
                 self.cited.append(x)
         return "".join(f"[{x}]" for x in keep)
+
+    def _better_source(self, before: str, marked: list[int]) -> int | None:
+        """The source the sentence just before a marker was drawn from, when the marker names none that holds
+        as many of its distinctive words (the model copied from [1] and wrote [3]); None keeps the marker."""
+        if not marked or not any(self.sources):
+            return None
+        sentence = last_sentence(before)
+        best = attribute(sentence, self.sources, self.names)
+        if best is None or best in marked:
+            return None
+        scores = overlap_scores(sentence, self.sources)
+        return best if max(scores[x - 1] for x in marked) < scores[best - 1] else None
 
     def _process(self, text: str, final: bool) -> str:
         text = self.pending + text
@@ -202,7 +220,13 @@ class CitationFilter(OutputFilter):
             m = _OPEN.search(text)
             if m:
                 text, self.pending = text[:m.start()], text[m.start():]
-        return _MARKER.sub(self._rewrite, text)
+        out, at = [], 0
+        for m in _MARKER.finditer(text):
+            out.append(text[at:m.start()])
+            out.append(self._rewrite(m, "".join(self.text) + "".join(out)))
+            at = m.end()
+        out.append(text[at:])
+        return "".join(out)
 
     def feed(self, deltas: list[Delta]) -> list[Delta]:
         out = []
@@ -215,7 +239,7 @@ class CitationFilter(OutputFilter):
 
     def finish(self, result: Result) -> list[Delta]:
         tail = self._process("", True)
-        how = "model" if self.cited else "none"
+        how = ("corrected" if self.corrected else "model") if self.cited else "none"
         if not self.cited:
             n = attribute("".join(self.text) + tail, self.sources, self.names)
             if n is not None:
@@ -235,6 +259,32 @@ _REFUSALS = ("do not say", "does not say", "don't say", "doesn't say", "not cont
              "not mention", "don't know", "do not know", "cannot answer", "can't answer", "not provided")
 
 
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)|\n")
+
+
+def last_sentence(text: str) -> str:
+    """The sentence a marker at the end of `text` belongs to ("... 1647. [1]" and "... 1647 [1]" alike), with
+    earlier markers taken out."""
+    body = _MARKER.sub(" ", text).rstrip()
+    body = body[:-1] if body.endswith((".", "!", "?")) else body
+    ends = [m.end() for m in _SENTENCE_END.finditer(body)]
+    return body[ends[-1]:] if ends else body
+
+
+def _answer_words(answer: str) -> set[str]:
+    return {w for w in _TOKEN.findall(answer.lower()) if w not in _COMMON and (len(w) > 2 or w.isdigit())}
+
+
+def overlap_scores(answer: str, sources: list[str]) -> list[int]:
+    """Per source: how many of the answer's distinctive words it holds (numbers count double)."""
+    words = _answer_words(answer)
+    scores = []
+    for text in sources:
+        have = set(_TOKEN.findall(text.lower()))
+        scores.append(sum(2 if any(ch.isdigit() for ch in w) else 1 for w in words if w in have))
+    return scores
+
+
 def attribute(answer: str, sources: list[str], names: list[str] | None = None) -> int | None:
     """The number of the source an unmarked answer was drawn from: the one holding most of the answer's
     distinctive words (numbers count double), if it holds at least two and more than any passage of another
@@ -243,13 +293,9 @@ def attribute(answer: str, sources: list[str], names: list[str] | None = None) -
     low = answer.lower()
     if not answer.strip() or any(r in low for r in _REFUSALS):
         return None
-    words = {w for w in _TOKEN.findall(low) if w not in _COMMON and (len(w) > 2 or w.isdigit())}
-    if not words:
+    if not _answer_words(answer):
         return None
-    scores = []
-    for text in sources:
-        have = set(_TOKEN.findall(text.lower()))
-        scores.append(sum(2 if any(ch.isdigit() for ch in w) else 1 for w in words if w in have))
+    scores = overlap_scores(answer, sources)
     best = max(range(len(scores)), key=lambda i: (scores[i], -i), default=None)
     if best is None or scores[best] < 2:
         return None

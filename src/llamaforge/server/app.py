@@ -59,6 +59,9 @@ class ServerConfig:
     max_connections: int | None = None     # open connections at once (default: from the descriptor limit)
     exit_on_load_failure: bool = False     # `llamaforge serve`: a model named at start that fails to load stops it
     allow_pull_from: list[str] = field(default_factory=list)  # directories /api/pull may read local models from
+    speculate: str | None = None           # serve --speculate off|ngram|draft (generate/speculative.py)
+    draft: str | None = None               # serve --draft MODEL: drafts for every served model (same tokenizer)
+    draft_tokens: int | None = None        # serve --draft-tokens K
 
 
 class ServerState:

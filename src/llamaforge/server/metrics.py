@@ -144,6 +144,14 @@ class Metrics:
                                      collect=lambda: self._gauge("prefix_cache_hit_rate"))
         self.prefix_bytes = Gauge("llamaforge_prefix_cache_bytes", "Memory held by the prompt-prefix cache",
                                   ("model",), collect=lambda: self._gauge("prefix_cache_bytes"))
+        self.spec_drafted = Gauge("llamaforge_speculative_drafted_tokens",
+                                  "Draft tokens verified by speculative decoding since the model was loaded",
+                                  ("model",), collect=lambda: self._gauge("speculative_drafted_tokens"))
+        self.spec_accepted = Gauge("llamaforge_speculative_accepted_tokens",
+                                   "Draft tokens the model agreed with (each saves one decode step)", ("model",),
+                                   collect=lambda: self._gauge("speculative_accepted_tokens"))
+        self.spec_rate = Gauge("llamaforge_speculative_acceptance_rate", "Accepted / drafted tokens", ("model",),
+                               collect=lambda: self._gauge("speculative_acceptance_rate"))
         self.generated_tokens = Counter("llamaforge_generated_tokens_total", "Tokens generated", ("model",))
         self.cancelled = Counter("llamaforge_cancelled_requests_total",
                                  "Generation requests cancelled (client disconnected)", ("model",))
@@ -167,7 +175,8 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
         for m in (self.requests, self.latency, self.prompt_tokens, self.cached_tokens, self.prefix_hit_rate,
-                  self.prefix_bytes, self.generated_tokens, self.cancelled,
+                  self.prefix_bytes, self.spec_drafted, self.spec_accepted, self.spec_rate,
+                  self.generated_tokens, self.cancelled,
                   self.rejected, self.ttft, self.batch_size, self.active, self.queued, self.loaded):
             lines += m.render()
         lines += _guard_counter().render()

@@ -84,11 +84,32 @@ class ModelManager:
     # -- loading --------------------------------------------------------------------------------------------------
     def _load(self, name: str):
         if self._loader is not None:
-            return self._loader(name)
+            return self._speculate(self._loader(name))
         from ..api import load
         kw = {k: v for k, v in (("dtype", self.config.dtype), ("quant", self.config.quant),
                                 ("threads", self.config.threads)) if v is not None}
-        return load(name, **kw)
+        return self._speculate(load(name, **kw))
+
+    def _speculate(self, lm):
+        """serve --speculate / --draft: every engine of `lm` drafts and verifies (output unchanged); a model whose
+        tokenizer differs from the draft's fails to load with the reason."""
+        c = self.config
+        mode, draft = getattr(c, "speculate", None), getattr(c, "draft", None)
+        if mode in (None, "off") and draft is None:
+            return lm
+        from ..generate.speculative import configure
+        draft_lm = None
+        if draft is not None and mode in (None, "draft"):
+            with self._lock:
+                draft_lm = getattr(self, "_draft_lm", None)
+            if draft_lm is None:
+                from ..api import load
+                draft_lm = load(draft, **{k: v for k, v in (("dtype", c.dtype), ("quant", c.quant)) if v is not None},
+                                compile=False)
+                with self._lock:
+                    self._draft_lm = draft_lm
+        configure(lm, mode or "draft", getattr(c, "draft_tokens", None), draft_lm)
+        return lm
 
     def _add(self, name: str, lm, seconds: float, pinned: bool) -> ModelEntry:
         sched = Scheduler(lm, max_batch=self.config.max_batch, max_queue=self.config.max_queue,

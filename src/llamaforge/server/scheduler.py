@@ -106,7 +106,7 @@ class Scheduler:
                 "max_queue": self.max_queue, "steps": self.steps, "context_length": self.context_length,
                 "prefix_cache_bytes": pc["bytes"], "prefix_cache_blocks": pc["blocks"],
                 "prefix_cache_hit_rate": pc["hit_rate"], "prefix_cache_hit_tokens": pc["hit_tokens"],
-                "prefix_cache_lookup_tokens": pc["lookup_tokens"]}
+                "prefix_cache_lookup_tokens": pc["lookup_tokens"], **_speculation_stats(self.engine)}
 
     def debug(self) -> dict:
         return dict(self.stats(), recent=list(self.recent))
@@ -278,3 +278,12 @@ def _post(loop: asyncio.AbstractEventLoop, items: list) -> None:
         loop.call_soon_threadsafe(deliver)
     except RuntimeError:
         pass  # the loop is closed: nobody is listening any more
+
+
+def _speculation_stats(engine) -> dict:
+    """Draft tokens proposed / accepted by the engine's speculative decoding (zeros when it is off)."""
+    spec = getattr(engine, "speculator", None)
+    st = spec.stats() if spec is not None else {}
+    return {"speculative_drafted_tokens": st.get("drafted_tokens", 0),
+            "speculative_accepted_tokens": st.get("accepted_tokens", 0),
+            "speculative_acceptance_rate": st.get("acceptance_rate", 0.0)}

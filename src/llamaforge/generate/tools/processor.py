@@ -69,7 +69,10 @@ class CallProcessor:
         if self.inner is None and self.forced:
             self.inner = GrammarLogitsProcessor(self.grammar, self.stops)
         if self.inner is not None:
-            self._text.advance(token_ids, self._note_opener)
+            # Only a control-token opener still to be seen needs the decoded text (its offset, _note_opener):
+            # skipping it otherwise saves a stream decode per token.
+            if self._opener_id is not None and self.channel.call_start is None:
+                self._text.advance(token_ids, self._note_opener)
             return self.inner(token_ids, logits)
         self._text.advance(token_ids, self._watch)
         if self.inner is not None:
