@@ -34,9 +34,9 @@ def _windows(n: int, ctx: int, stride: int):
 
 # --------------------------------------------------------------------------------------------- workers
 def worker_llamaforge(path, ids, ctx, stride, threads, quant):
+    import llamaforge  # before torch: it sets libgomp's wait policy, which libgomp reads once, when torch loads it
     import torch
     torch.set_num_threads(threads)
-    import llamaforge
     from llamaforge.eval.perplexity import perplexity
     t = time.perf_counter()
     lm = llamaforge.load(str(path), quant=quant if quant != "float32" else None,
@@ -45,9 +45,22 @@ def worker_llamaforge(path, ids, ctx, stride, threads, quant):
     perplexity(lm, ids[:ctx + 1], ctx=ctx)   # warm-up: kernels and allocator, not what we measure
     cpu = time.process_time()
     r = perplexity(lm, ids, ctx=ctx, stride=stride)
-    return {"ppl": r.ppl, "ppl_stderr": r.ppl_stderr, "tokens": r.tokens, "window_tokens": r.window_tokens,
-            "seconds": r.seconds, "cpu_seconds": time.process_time() - cpu, "load_s": load_s,
-            "detail": f"llamaforge quant={lm.metadata.get('quant')}"}
+    out = {"ppl": r.ppl, "ppl_stderr": r.ppl_stderr, "tokens": r.tokens, "window_tokens": r.window_tokens,
+           "seconds": r.seconds, "cpu_seconds": time.process_time() - cpu, "load_s": load_s,
+           "detail": f"llamaforge quant={lm.metadata.get('quant')}"}
+    out["ppl_llama_cpp_scheme"] = _llama_cpp_scheme(lm, ids, ctx)
+    return out
+
+
+def _llama_cpp_scheme(lm, ids, ctx) -> float:
+    """Our perplexity scored the way `llama-perplexity` scores: whole non-overlapping chunks of ctx tokens, each
+    token of a chunk's second half predicted from the chunk's tokens before it."""
+    from llamaforge.eval.scoring import ModelScorer
+    first = ctx // 2 + 1
+    seqs = [ids[k:k + ctx] for k in range(0, len(ids) - ctx + 1, ctx)]
+    scored = ModelScorer(lm).score([(q, first) for q in seqs])
+    lp = [x for s in scored for x in s.logprobs]
+    return math.exp(-sum(lp) / len(lp))
 
 
 def worker_llamacpp(path, ids, ctx, stride, threads, _):
@@ -78,6 +91,39 @@ def worker_llamacpp(path, ids, ctx, stride, threads, _):
             "detail": f"llama-cpp-python {llama_cpp.__version__}"}
 
 
+_text = TEXT   # --text
+
+
+def worker_llama_perplexity(path, ids, ctx, stride, threads, _):
+    """llama.cpp's own `llama-perplexity` binary on the same text file (it tokenizes the text itself and scores
+    the second half of each non-overlapping window of ctx tokens, so its perplexity is close to, not equal to, a
+    stride-`ctx` run; the throughput is over every token it runs through the model, as ours)."""
+    import re
+    from common import peer_bin, peer_env
+    exe = peer_bin("llama-perplexity")
+    if exe is None:
+        raise SystemExit("llama-perplexity not found (set LLAMAFORGE_PEER_BIN)")
+    t = time.perf_counter()
+    p = subprocess.run([str(exe), "-m", str(path), "-f", str(_text), "-c", str(ctx), "-t", str(threads),
+                        "-tb", str(threads)], capture_output=True, text=True, env=peer_env(exe), timeout=1800)
+    wall = time.perf_counter() - t
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise SystemExit(out[-500:])
+    ppl = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out)
+    chunks = re.search(r"calculating perplexity over (\d+) chunks, n_ctx=(\d+), batch_size=(\d+), n_seq=(\d+)", out)
+    per_pass = re.search(r"([0-9.]+) seconds per pass", out)
+    if not (ppl and chunks and per_pass):
+        raise SystemExit("could not parse llama-perplexity's output: " + out[-500:])
+    n_chunks, n_ctx, batch, n_seq = (int(x) for x in chunks.groups())
+    # It times its first pass (n_seq chunks in one batch; every pass does the same work); the process's wall time
+    # (load included) bounds that from above: the smaller of the two, in the peer's favour.
+    seconds = min(float(per_pass.group(1)) * math.ceil(n_chunks / n_seq), wall)
+    return {"ppl": float(ppl.group(1)), "ppl_stderr": float(ppl.group(2)), "tokens": n_chunks * (n_ctx // 2 - 1),
+            "window_tokens": n_chunks * n_ctx, "seconds": seconds, "wall_s": wall, "load_s": float("nan"),
+            "detail": f"llama-perplexity (llama.cpp, batch {batch}, scores 2nd half of each window)"}
+
+
 def worker_hf(path, ids, ctx, stride, threads, _):
     import torch
     torch.set_num_threads(threads)
@@ -100,9 +146,9 @@ def worker_hf(path, ids, ctx, stride, threads, _):
 
 
 def worker_kl(path, ids, ctx, stride, threads, quant):
+    import llamaforge  # before torch: it sets libgomp's wait policy, which libgomp reads once, when torch loads it
     import torch
     torch.set_num_threads(threads)
-    import llamaforge
     from llamaforge.eval.perplexity import compare
     lm = llamaforge.load(str(path), quant=quant, compile=False)
     base = llamaforge.load(str(path), dtype="float32")
@@ -111,12 +157,13 @@ def worker_kl(path, ids, ctx, stride, threads, quant):
             "kld_max": c.kld["max"], "same_top": c.same_top, "ppl": c.ppl, "ppl_base": c.ppl_base}
 
 
-WORKERS = {"llamaforge": worker_llamaforge, "llama.cpp": worker_llamacpp, "hf": worker_hf, "kl": worker_kl}
+WORKERS = {"llamaforge": worker_llamaforge, "llama.cpp": worker_llamacpp, "llama-perplexity": worker_llama_perplexity,
+           "hf": worker_hf, "kl": worker_kl}
 
 
 def run_worker(kind: str, arg: str, ids_file: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--arg", arg, "--ids", str(ids_file), "--ctx", str(args.ctx),
-           "--stride", str(args.stride), "--threads", str(args.threads)]
+           "--stride", str(args.stride), "--threads", str(args.threads), "--text", str(args.text)]
     env = dict(os.environ, LLAMAFORGE_COMPILE="0")
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     if p.returncode != 0:
@@ -134,8 +181,11 @@ def main() -> int:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers (slow to load)")
     ap.add_argument("--no-kl", action="store_true", help="skip the KL guard of the quantized formats")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per worker process")
+    ap.add_argument("--text", type=Path, default=TEXT, help=f"text file (default {TEXT.relative_to(TEXT.parents[2])})")
     ap.add_argument("--worker"), ap.add_argument("--arg"), ap.add_argument("--ids")
     args = ap.parse_args()
+    global _text
+    _text = args.text
     args.stride = args.stride or args.ctx
     path = smollm2_gguf()
     if args.worker:
@@ -145,10 +195,19 @@ def main() -> int:
 
     import llamaforge
     from llamaforge.eval.perplexity import text_ids
-    ids = text_ids(llamaforge.load(str(path), compile=False), TEXT.read_text(encoding="utf-8"))
+    ids = text_ids(llamaforge.load(str(path), compile=False), args.text.read_text(encoding="utf-8"))
     ids_file = Path(tempfile.mkstemp(suffix=".json")[1])
     ids_file.write_text(json.dumps(ids))
-    sides = [("llamaforge", "default"), ("llama.cpp", "")]
+    import importlib.util
+    from common import peer_bin
+    sides = [("llamaforge", "default")]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        sides.append(("llama.cpp", ""))
+    if peer_bin("llama-perplexity") is not None:
+        sides.append(("llama-perplexity", ""))
+    if len(sides) == 1:
+        print("no peer: neither llama-cpp-python nor llama-perplexity ($LLAMAFORGE_PEER_BIN) is available",
+              file=sys.stderr)
     speed: dict[str, list[dict]] = {s[0]: [] for s in sides}
     try:
         for rep in range(args.reps):
@@ -168,7 +227,7 @@ def main() -> int:
     write_text_atomic(OUT / "eval_bench.md", report)
     write_json_atomic(OUT / "eval_bench.json", {"speed": speed, "ppl": ppl, "kl": kl, "ctx": args.ctx,
                                                 "stride": args.stride, "threads": args.threads, "tokens": len(ids),
-                                                "text": str(TEXT)})
+                                                "text": str(args.text)})
     return 0
 
 
@@ -178,7 +237,7 @@ def _med(rs: list[dict], key: str):
 
 
 def _report(speed, ppl, kl, args, n_ids) -> str:
-    lines = [f"Perplexity of {TEXT.name} ({n_ids} tokens), windows of {args.ctx}, stride {args.stride}, "
+    lines = [f"Perplexity of {args.text.name} ({n_ids} tokens), windows of {args.ctx}, stride {args.stride}, "
              f"{args.threads} threads, {args.reps} reps interleaved (a shared machine: medians, with min-max).", "",
              "| runtime | perplexity | tokens scored | throughput (tok/s, median [min-max]) | CPU s | load (s) |",
              "|---|---|---|---|---|---|"]
@@ -194,12 +253,19 @@ def _report(speed, ppl, kl, args, n_ids) -> str:
         lines.append(f"| {name} (reference) | {r.get('ppl', float('nan')):.4f} | {r.get('tokens', '-')} | "
                      f"{r['window_tokens'] / r['seconds']:.0f} | | {r.get('load_s', 0):.1f} |" if "error" not in r
                      else f"| {name} | failed | | | | |")
-    ours, peer = [r for r in speed["llamaforge"] if "error" not in r], [r for r in speed["llama.cpp"] if "error" not in r]
-    if ours and peer:
-        a = statistics.median(r["window_tokens"] / r["seconds"] for r in ours)
-        b = statistics.median(r["window_tokens"] / r["seconds"] for r in peer)
-        lines += ["", f"Throughput ratio llamaforge / llama.cpp: {a / b:.2f}x (target >= 1.0: "
-                      f"{'met' if a >= b else 'missed'})"]
+    ours = [r for r in speed["llamaforge"] if "error" not in r]
+    lcpp = [r for r in speed.get("llama-perplexity", []) if "error" not in r]
+    if ours and lcpp and "ppl_llama_cpp_scheme" in ours[0]:
+        lines += ["", f"Scored as `llama-perplexity` scores (whole chunks of {args.ctx}, second halves): llamaforge "
+                      f"{ours[0]['ppl_llama_cpp_scheme']:.4f}, llama.cpp {lcpp[0]['ppl']:.4f} "
+                      f"(± {lcpp[0]['ppl_stderr']:.4f}); ratio {ours[0]['ppl_llama_cpp_scheme'] / lcpp[0]['ppl']:.4f}"]
+    for kind in [k for k in speed if k != "llamaforge"]:
+        peer = [r for r in speed[kind] if "error" not in r]
+        if ours and peer:
+            a = statistics.median(r["window_tokens"] / r["seconds"] for r in ours)
+            b = statistics.median(r["window_tokens"] / r["seconds"] for r in peer)
+            lines += ["", f"Throughput ratio llamaforge / {kind}: {a / b:.2f}x (target >= 1.0: "
+                          f"{'met' if a >= b else 'missed'})"]
     if kl:
         lines += ["", "KL guard: each in-memory format against the float32 base (same windows)", "",
                   "| quant | PPL(Q)/PPL(base) | mean KLD | KLD p99 | max KLD | same top | guard (ratio within 1%) |",
