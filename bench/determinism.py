@@ -19,6 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json_atomic  # noqa: E402
+
 ESSAY = Path(__file__).resolve().parent / "texts" / "essay.txt"
 CASES = ("prefill512", "decode1", "decode8", "decode16")
 
@@ -91,8 +94,7 @@ def main(argv=None) -> int:
         tps = {m: statistics.median(r["tokens"] / r["wall"] for r in rs) for m, rs in by.items()}
         print(f"| {case} | {cpu['invariant']:.2f} | {cpu['one-call']:.2f} | "
               f"{cpu['invariant'] / cpu['one-call'] - 1:+.1%} | {tps['invariant']:.1f} | {tps['one-call']:.1f} |")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"threads": args.threads, "load": load, "results": results}, indent=1))
+    write_json_atomic(args.json, {"threads": args.threads, "load": load, "results": results})
     return 0
 
 

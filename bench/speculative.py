@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_json_atomic  # noqa: E402
+
 ESSAY = Path(__file__).resolve().parent / "texts" / "essay.txt"
 CONFIGS = ("plain", "compiled", "ngram", "draft-self")
 PROMPTS = ("edit-code", "summarise")
@@ -170,8 +173,7 @@ def main(argv=None) -> int:
             rel = f"{tps[config] / tps['plain']:.2f}x" if "plain" in tps else "-"
             print(f"| {prompt} | {config} | {tps[config]:.1f} | {cpu:.1f} | {rel} | {rate} | {per_step:.2f} | "
                   f"{same} |")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"threads": args.threads, "load": load, "results": results}, indent=1))
+    write_json_atomic(args.json, {"threads": args.threads, "load": load, "results": results})
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 from ..errors import ContextLengthError, InvalidRequestError
 from ..model.llama import ATTENTION_BLOCK
 from . import compiled
-from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache
+from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, common_prefix
 from .sampling import LogitsProcessor, Sampler, SamplingParams, check_token_ids
 from .speculative import make_speculator
 
@@ -327,7 +327,7 @@ class BatchEngine:
                     break
                 req = self._queue.pop(0)
                 # The free row whose cached tokens share the longest prefix with this prompt (prefix reuse).
-                shared = {r: _common_prefix(self._row_tokens[r], req.prompt_ids) for r in free}
+                shared = {r: common_prefix(self._row_tokens[r], req.prompt_ids) for r in free}
                 row = max(free, key=lambda r: (shared[r], -r))
                 # At least the last prompt token is recomputed: its logits give the first new token. Reuse stops
                 # on the aligned grid, so the rest is prefilled in the same blocks as in a fresh run.
@@ -468,13 +468,6 @@ class BatchEngine:
             self._finish(req, reason)
         events.append((req, TokenEvent(tok, text, s.logprob, s.top_logprobs, reason)))
 
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @torch.inference_mode()

@@ -112,3 +112,12 @@ class PrefixCache:
         return {"blocks": len(self._blocks), "bytes": self.nbytes, "lookups": self.lookups,
                 "lookup_tokens": self.lookup_tokens, "hit_tokens": self.hit_tokens, "hit_rate": rate,
                 "evictions": self.evictions}
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from ..errors import InvalidRequestError
+from .prefix_cache import common_prefix
 
 SPECULATE_MODES = ("off", "ngram", "draft")
 DEFAULT_DRAFT_TOKENS = 4
@@ -100,7 +101,7 @@ class DraftModel:
         ids = req._all_ids
         held = self._rows.get(req.row)
         have = held[1] if held is not None and held[0] is req else []
-        valid = _common_prefix(have, ids)
+        valid = common_prefix(have, ids)
         valid = min(valid, len(ids) - 1)  # the last token is fed now: its logits give the first draft
         logits = None
         while valid < len(ids):  # catch up with what the target accepted (the prompt, at first)
@@ -270,11 +271,3 @@ def make_speculator(engine, speculate: str | None, draft_tokens: int | None, dra
         raise InvalidRequestError("speculate 'draft' needs a draft model (--draft MODEL)", field="draft")
     check_draft_vocabulary(engine.lm, draft_lm)
     return Speculator(engine, DraftModel(draft_lm, engine.max_batch, engine.max_seq_len), k)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
