@@ -27,8 +27,8 @@ CASES = ("prefill512", "decode1", "decode8", "decode16")
 
 
 def _worker(mode: str, case: str, threads: int) -> dict:
+    import llamaforge  # before torch: it sets libgomp's wait policy, which libgomp reads once, when torch loads it
     import torch
-    import llamaforge
     from llamaforge.generate.engine import BatchEngine
     from llamaforge.generate.sampling import SamplingParams
     torch.set_num_threads(threads)

@@ -28,9 +28,9 @@ QUESTIONS = ["What is the capital of France?", "How do I kill a stuck process on
 
 def worker(mode: str, max_tokens: int) -> None:
     """Serve requests read from stdin (one question per line) and print one JSON result line each."""
+    import llamaforge  # before torch: it sets libgomp's wait policy, which libgomp reads once, when torch loads it
     import torch
     torch.set_num_threads(1)
-    import llamaforge
     from llamaforge.safety import load_guard
     lm = llamaforge.load("smollm2", compile=False)
     guards = {"input": True} if mode == "guarded" else None
