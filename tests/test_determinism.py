@@ -8,9 +8,6 @@ fails them. Prompts are long enough (up to ~400 tokens) to span several prefill 
 """
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import llamaforge
 from llamaforge.generate.engine import BatchEngine
 from llamaforge.generate.sampling import SamplingParams
 from sse_support import stream_chat_text
+from test_server_e2e import Running
 
 # Minutes on 2 cores (16 engines' worth of single runs as references): run with `-m slow`; make test stays fast.
 pytestmark = pytest.mark.slow
@@ -136,27 +134,6 @@ def test_prefill_chunk_size_does_not_change_tokens(lm):
 
 
 # ------------------------------------------------------------------------------------------------ the server
-class _Server:
-    def __init__(self, app):
-        from llamaforge.server.app import make_server
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        self.server = make_server(app, "127.0.0.1", self.port, log_level="warning", graceful_timeout=5)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
 def _chat(url: str, text: str, stream: bool) -> str:
     body = {"model": "smollm2", "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS,
             "temperature": 0, "stream": stream}
@@ -171,7 +148,7 @@ def test_streamed_equals_not_streamed_through_the_server_under_load(lm):
     from llamaforge.server.app import ServerConfig, create_app
     words = ESSAY.split()
     questions = [f"Summarise: {' '.join(words[25 * i: 25 * i + 40 + 10 * i])}" for i in range(8)]
-    srv = _Server(create_app(ServerConfig(max_batch=8, max_queue=32, ctx=512), preloaded={"smollm2": lm}))
+    srv = Running(create_app(ServerConfig(max_batch=8, max_queue=32, ctx=512), preloaded={"smollm2": lm}))
     try:
         plain = [_chat(srv.url, q, stream=False) for q in questions]
         # Streamed and non-streamed requests mixed, all at once, so they share batches and prefill steps.

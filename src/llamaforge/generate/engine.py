@@ -251,7 +251,6 @@ class BatchEngine:
         """Prefill chunks end on multiples of this (or at the prompt's end), whatever the step's budget."""
         return ATTENTION_BLOCK if self.prefill_chunk >= ATTENTION_BLOCK else self.prefill_chunk
 
-
     @property
     def context_length(self) -> int:
         return self.max_seq_len
@@ -467,7 +466,6 @@ class BatchEngine:
         with self._lock:
             self._finish(req, reason)
         events.append((req, TokenEvent(tok, text, s.logprob, s.top_logprobs, reason)))
-
 
 
 @torch.inference_mode()

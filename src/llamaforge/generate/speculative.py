@@ -219,20 +219,16 @@ def configure(lm, speculate: str | None = None, draft_tokens: int | None = None,
     Checks the options now (unknown mode, draft tokens out of range, a draft model with another tokenizer:
     InvalidRequestError) so a bad flag fails at start-up, not at the first request."""
     mode = _mode(speculate, draft_lm)
-    _check_k(DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens)
+    _draft_tokens(draft_tokens)
     if mode == "draft":
-        if draft_lm is None:
-            raise InvalidRequestError("speculate 'draft' needs a draft model (--draft MODEL)", field="draft")
         check_draft_vocabulary(lm, draft_lm)
     lm.__dict__["speculation"] = {"speculate": mode, "draft_tokens": draft_tokens, "draft_lm": draft_lm}
 
 
 def check_options(speculate: str | None, draft_tokens: int | None, *, has_draft: bool) -> None:
     """The checks `configure` makes, before any model is loaded (serve fails at start-up)."""
-    mode = _mode(speculate, object() if has_draft else None)
-    _check_k(DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens)
-    if mode == "draft" and not has_draft:
-        raise InvalidRequestError("speculate 'draft' needs a draft model (--draft MODEL)", field="draft")
+    _mode(speculate, object() if has_draft else None)
+    _draft_tokens(draft_tokens)
 
 
 def _mode(speculate, draft_lm) -> str:
@@ -243,6 +239,8 @@ def _mode(speculate, draft_lm) -> str:
     if draft_lm is not None and mode != "draft":
         raise InvalidRequestError(f"a draft model is only used with speculate 'draft', not {mode!r}",
                                   field="speculate")
+    if mode == "draft" and draft_lm is None:
+        raise InvalidRequestError("speculate 'draft' needs a draft model (--draft MODEL)", field="draft")
     return mode
 
 
@@ -252,6 +250,13 @@ def _check_k(k) -> None:
                                   field="draft_tokens")
 
 
+def _draft_tokens(draft_tokens: int | None) -> int:
+    """The draft length to use (the default when None), checked."""
+    k = DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens
+    _check_k(k)
+    return k
+
+
 def make_speculator(engine, speculate: str | None, draft_tokens: int | None, draft_lm=None) -> Speculator | None:
     """The engine's speculator for `speculate` ("off", "ngram" or "draft" with `draft_lm`), or None for off.
     With no option given, the model's own setting (`configure`) applies."""
@@ -259,15 +264,10 @@ def make_speculator(engine, speculate: str | None, draft_tokens: int | None, dra
         held = getattr(engine.lm, "speculation", None) or {}
         speculate, draft_tokens, draft_lm = held.get("speculate"), held.get("draft_tokens"), held.get("draft_lm")
     mode = _mode(speculate, draft_lm)
-    if mode not in SPECULATE_MODES:
-        raise InvalidRequestError(f"speculate must be one of {', '.join(SPECULATE_MODES)}, got {mode!r}",
-                                  field="speculate")
-    k = DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens
+    k = _draft_tokens(draft_tokens)
     if mode == "off":
         return None
     if mode == "ngram":
         return Speculator(engine, PromptLookup(), k)
-    if draft_lm is None:
-        raise InvalidRequestError("speculate 'draft' needs a draft model (--draft MODEL)", field="draft")
     check_draft_vocabulary(engine.lm, draft_lm)
     return Speculator(engine, DraftModel(draft_lm, engine.max_batch, engine.max_seq_len), k)
