@@ -131,3 +131,43 @@ def test_resolve_quant_defaults_and_errors():
 def test_int4_rejects_rows_not_in_groups_of_32():
     with pytest.raises(ModelFormatError, match="multiple of 32"):
         Q.int4_from_float(torch.randn(8, 40))
+
+
+def _int4_layer(N=128, K=128, seed=3):
+    torch.manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    scale, zero = torch.rand(N, K // 32) * 0.1 + 0.01, torch.randn(N, K // 32) * 0.1
+    return Q.Int4Linear(q, scale, zero), q, scale, zero
+
+
+def test_dequantized_int4_weights_are_the_values_the_kernel_uses():
+    """torch's packed layout is read back exactly: w = (q - 8) * scale + zero with the stored (bf16) scales."""
+    lin, q, scale, zero = _int4_layer()
+    assert Q.int4pack_block_rows() is not None and lin.can_dequantize()
+    want = _ref_int4(q, scale.bfloat16().float(), zero.bfloat16().float())
+    assert torch.equal(lin.dequantized(), want)
+    bn = Q.int4pack_block_rows()
+    assert torch.equal(lin.dequantized(bn, 2 * bn), want[bn:2 * bn])
+
+
+def test_dense_scoring_runs_float32_gemms_only_inside_the_block(monkeypatch):
+    import threading
+    lin, q, scale, zero = _int4_layer(N=256, K=256, seed=4)
+    w = _ref_int4(q, scale.bfloat16().float(), zero.bfloat16().float())
+    x = torch.randn(Q.DENSE_MIN_ROWS + 16, 256)
+    kernel = lin(x)                                   # outside the block: the packed kernel (bf16 inputs)
+    with Q.dense_scoring():
+        dense = lin(x)
+        few = lin(x[:Q.DENSE_MIN_ROWS - 1])           # too few rows: still the kernel
+        other = []
+        t = threading.Thread(target=lambda: other.append(lin(x)))  # another thread is not in the block
+        t.start(), t.join()
+    assert torch.equal(few, kernel[:Q.DENSE_MIN_ROWS - 1]) and torch.equal(other[0], kernel)
+    exact = x @ w.T
+    assert (dense - exact).abs().max() < 1e-4 * exact.abs().max()      # float32 all the way
+    assert (kernel - exact).abs().max() > (dense - exact).abs().max()  # the kernel rounds inputs to bf16
+    # Tiled over output rows (small tile) gives the same numbers as one GEMM.
+    monkeypatch.setattr(Q, "DENSE_TILE", Q.int4pack_block_rows() * 256)
+    with Q.dense_scoring():
+        assert torch.equal(lin(x), dense)
+    assert torch.equal(lin(x), kernel)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..generate.engine import context_length
-from ..model.quant import Int8Linear
+from ..model.quant import Int8Linear, dense_scoring
 
 # Rows of logits materialised at once (rows x vocab float32: 512 x 128k = 256 MB at worst).
 LOGIT_ROWS = 512
@@ -135,7 +135,8 @@ class ModelScorer:
         batch = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, s in enumerate(seqs):
             batch[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        hidden = self.lm.model.hidden_states(batch.to(self.device))  # [B, T, C]
+        with dense_scoring():  # scored, never decoded from: int4 layers may run as float32 GEMMs
+            hidden = self.lm.model.hidden_states(batch.to(self.device))  # [B, T, C]
         for r, (s, first) in enumerate(zip(seqs, firsts)):
             h = hidden[r, first - 1:len(s) - 1]                     # [n, C]: the positions predicting ids[first:]
             targets = torch.tensor(s[first:], dtype=torch.long)

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..model.llama import ATTENTION_BLOCK
+from ..model.quant import dense_scoring
 from . import compiled
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, common_prefix
 from .sampling import LogitsProcessor, Sampler, SamplingParams, check_token_ids
@@ -489,7 +490,8 @@ def prompt_logprobs(lm, prompt_ids: Sequence[int], top_n: int = 0, *, chunk: int
     out: list[tuple[float | None, list[tuple[int, float]] | None]] = [(None, None)]
     for start in range(0, len(ids), chunk):
         piece = ids[start:start + chunk]
-        logits = model(torch.tensor([piece], device=device), cache=cache, input_pos=start)[0]  # [T, V]
+        with dense_scoring():  # this cache is scored and dropped, never decoded from
+            logits = model(torch.tensor([piece], device=device), cache=cache, input_pos=start)[0]  # [T, V]
         lp = torch.log_softmax(logits.float(), dim=-1).cpu()
         targets = ids[start + 1:start + 1 + len(piece)]
         chosen = lp[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)] if targets else None

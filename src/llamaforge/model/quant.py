@@ -18,6 +18,9 @@ without ever materialising float32 weights, which keeps loading fast and peak me
 from __future__ import annotations
 
 import ctypes
+import functools
+import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -90,14 +93,99 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(self.act_dtype),
-                                                       self.packed, GROUP, self.scales_zeros)
+        x2 = x.reshape(-1, self.in_features)
+        min_rows = getattr(_DENSE, "min_rows", None)
+        if min_rows is not None and x2.shape[0] >= min_rows and not torch.compiler.is_compiling() \
+                and self.can_dequantize():
+            y = self._dense_matmul(x2)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(self.act_dtype), self.packed, GROUP,
+                                                           self.scales_zeros)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
 
+    def can_dequantize(self) -> bool:
+        """Whether `dequantized` can read this layer's packed buffer (its layout is known on this CPU)."""
+        bn = int4pack_block_rows()
+        return bn is not None and self.out_features % bn == 0 and self.packed.dtype == torch.uint8 \
+            and tuple(self.packed.shape) == (self.out_features, self.in_features // 2)
+
+    def dequantized(self, begin: int = 0, end: int | None = None) -> torch.Tensor:
+        """Float32 weight rows [begin, end) (multiples of the packing's block rows): (q - 8) * scale + zero,
+        the values the packed kernel multiplies by."""
+        bn, K = int4pack_block_rows(), self.in_features
+        end = self.out_features if end is None else end
+        # torch's CPU packing stores, per block of bn output rows and per input column k, bn/2 bytes: the low
+        # nibbles are rows 0..bn/2-1 of the block, the high nibbles rows bn/2..bn-1 (probed at start-up).
+        b = self.packed.view(self.out_features // bn, K, bn // 2)[begin // bn:end // bn]
+        w = torch.empty((b.shape[0], 2, bn // 2, K), dtype=torch.float32)
+        w[:, 0].copy_((b & 15).transpose(1, 2))
+        w[:, 1].copy_((b >> 4).transpose(1, 2))
+        sz = self.scales_zeros[:, begin:end].float()            # [K/32, n, 2]
+        scale, zero = sz[..., 0].t(), sz[..., 1].t()            # [n, K/32]
+        w = w.view(end - begin, K // GROUP, GROUP)
+        w.mul_(scale[..., None]).add_((zero - 8 * scale)[..., None])
+        return w.view(end - begin, K)
+
+    def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T in float32 over weights dequantized in row tiles of at most DENSE_TILE elements."""
+        x = x.float()
+        bn = int4pack_block_rows()
+        rows = max(bn, DENSE_TILE // self.in_features // bn * bn)
+        if rows >= self.out_features:
+            return F.linear(x, self.dequantized())
+        y = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        for a in range(0, self.out_features, rows):
+            b = min(a + rows, self.out_features)
+            y[:, a:b] = F.linear(x, self.dequantized(a, b))
+        return y
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
+
+
+# --------------------------------------------------------------------------------------------- dense scoring
+# Scoring (perplexity, log-likelihood tasks, prompt logprobs) runs hundreds of rows per matmul. There the packed
+# int4 kernel, built for a few rows, costs ~3x a float32 GEMM over weights dequantized on the fly (SmolLM2,
+# 2048 rows: 11.8 s vs 3.7-4.2 s for all int4 layers, of which 0.2 s is dequantizing). Generation never takes
+# this path: a position must go through the same kernel whether it arrives by prefill or decode (deterministic
+# results, issue 20), so the dense path is opt-in, per thread, for code that only reads logits.
+DENSE_MIN_ROWS = 64            # below this the fixed dequantization cost outweighs the GEMM's gain
+DENSE_TILE = 8 * 1024 * 1024   # weight elements dequantized at once (32 MB of float32)
+_DENSE = threading.local()
+
+
+@contextmanager
+def dense_scoring(min_rows: int = DENSE_MIN_ROWS):
+    """Within the block (this thread only), int4 layers given at least `min_rows` rows run as float32 GEMMs
+    over their dequantized weights. For forwards whose outputs are only scored, never continued by decode."""
+    prev = getattr(_DENSE, "min_rows", None)
+    _DENSE.min_rows = min_rows
+    try:
+        yield
+    finally:
+        _DENSE.min_rows = prev
+
+
+@functools.cache
+def int4pack_block_rows() -> int | None:
+    """Output rows per block of torch's CPU int4 packing (it depends on the kernel torch picked for this CPU),
+    found by packing a probe and reading it back; None when no known layout matches (no dense path then)."""
+    N, K = 256, 64
+    q = (torch.arange(N * K, dtype=torch.int32).reshape(N, K) * 7 + torch.arange(N, dtype=torch.int32)[:, None]) % 16
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    except (RuntimeError, AttributeError):
+        return None
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (N, K // 2):
+        return None
+    for bn in (8, 16, 32, 64, 128, 256):
+        b = packed.view(N // bn, K, bn // 2)
+        got = torch.stack([b & 15, b >> 4], 1).transpose(2, 3).reshape(N, K)
+        if torch.equal(got.to(torch.int32), q):
+            return bn
+    return None
 
 
 class Int8Linear(nn.Module):
