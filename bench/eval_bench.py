@@ -24,7 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, TEXT, smollm2_gguf, write_json_atomic, write_text_atomic  # noqa: E402
 
-QUANTS = ("q4", "int8", "bf16")   # every quantized in-memory format, guarded against float32
+# Every quantized in-memory format, guarded against float32; "q4:kernels" scores through the packed int4 kernels
+# generation uses (plain "q4" scores as `eval perplexity` does: dense float32 GEMMs over the same weights).
+QUANTS = ("q4", "q4:kernels", "int8", "bf16")
 
 
 def _windows(n: int, ctx: int, stride: int):
@@ -150,9 +152,9 @@ def worker_kl(path, ids, ctx, stride, threads, quant):
     import torch
     torch.set_num_threads(threads)
     from llamaforge.eval.perplexity import compare
-    lm = llamaforge.load(str(path), quant=quant, compile=False)
+    lm = llamaforge.load(str(path), quant=quant.split(":")[0], compile=False)
     base = llamaforge.load(str(path), dtype="float32")
-    c = compare(lm, base, ids, ctx=ctx, stride=stride)
+    c = compare(lm, base, ids, ctx=ctx, stride=stride, dense=not quant.endswith(":kernels"))
     return {"quant": quant, "ratio": c.ratio, "kld_mean": c.kld["mean"], "kld_p99": c.kld["p99"],
             "kld_max": c.kld["max"], "same_top": c.same_top, "ppl": c.ppl, "ppl_base": c.ppl_base}
 

@@ -163,6 +163,11 @@ def test_default_quantized_path_within_one_percent_of_float32(default_lm, essay_
     assert c.ppl_base == pytest.approx(ref.ppl, rel=1e-5)
     # The packed weights are the file's own Q4_1 values: the distributions barely move.
     assert 0 < c.kld["mean"] < 0.02 and c.same_top[0] > 0.9
+    # Scored through the packed kernels generation uses (bf16 activations) instead of the dense scoring GEMMs:
+    # also within 1%, and a different computation (the guard covers what generation computes).
+    k = P.compare(default_lm, smollm2(), essay_ids, ctx=256, stride=128, dense=False)
+    assert abs(k.ratio[0] - 1) < 0.01 and 0 < k.kld["mean"] < 0.02, (k.ppl, k.ppl_base)
+    assert k.ppl != c.ppl
 
 
 def test_cli_perplexity_json_and_bad_input(tmp_path, capsys, essay_ids):

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="tokens between window starts (default: --ctx, no overlap)")
     p.add_argument("--kl-base", metavar="MODEL2", help="also compare MODEL's token distributions with MODEL2's")
     p.add_argument("--base-dtype", default="float32", help="dtype of --kl-base (default float32)")
+    p.add_argument("--generation-kernels", action="store_true",
+                   help="score 4-bit weights through the packed kernels generation uses (slower) instead of "
+                        "float32 GEMMs over the same weights dequantized on the fly")
     p.add_argument("--json", action="store_true", help="print JSON")
     _common(p)
     r = sub.add_parser("run", help="run benchmark tasks and write Markdown/JSON/PNG reports")
@@ -105,6 +108,9 @@ def _perplexity(args) -> int:
         if args.kl_base:
             raise InvalidRequestError("--kl-base needs both models in process (the server returns no full "
                                       "distributions)", field="kl_base")
+        if args.generation_kernels:
+            raise InvalidRequestError("--generation-kernels applies to a model in process; the server scores "
+                                      "prompts its own way", field="generation_kernels")
         res = _server_perplexity(args, text)
     else:
         lm = _load(args.model, args)
@@ -115,12 +121,13 @@ def _perplexity(args) -> int:
             base = _load(args.kl_base, argparse.Namespace(dtype=args.base_dtype, quant=None))
             bar = _progress(len(wins), "windows")
             cmp = P.compare(lm, base, ids, ctx=ctx, stride=args.stride, batch_size=args.batch_size,
-                            progress=bar.update)
+                            progress=bar.update, dense=not args.generation_kernels)
             bar.close()
             _print_comparison(cmp, args)
             return 130 if cmp.interrupted else 0
         bar = _progress(len(wins), "windows")
-        res = P.perplexity(lm, ids, ctx=ctx, stride=args.stride, batch_size=args.batch_size, progress=bar.update)
+        res = P.perplexity(lm, ids, ctx=ctx, stride=args.stride, batch_size=args.batch_size, progress=bar.update,
+                           dense=not args.generation_kernels)
         bar.close()
     if args.json:
         print(json.dumps({"ppl": res.ppl, "ppl_stderr": res.ppl_stderr, "tokens": res.tokens,

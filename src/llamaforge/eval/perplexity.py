@@ -134,15 +134,16 @@ def _window_batches(wins: list[Window], ctx: int, batch_size: int | None, batch_
 
 def perplexity(lm, ids: Sequence[int], *, ctx: int | None = None, stride: int | None = None,
                batch_size: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-               progress: Callable[[int], None] | None = None) -> PerplexityResult:
+               progress: Callable[[int], None] | None = None, dense: bool = True) -> PerplexityResult:
     """Perplexity of `ids` under `lm` with windows of `ctx` tokens advancing by `stride` (default: ctx).
+    dense: see `ModelScorer` (False: through the packed kernels generation uses).
 
     Ctrl-C (KeyboardInterrupt) during the run returns the windows finished so far with interrupted=True.
     """
     ctx = check_ctx(lm, ctx)
     stride = ctx if stride is None else stride
     wins = windows(len(ids), ctx, stride)
-    scorer = ModelScorer(lm, batch_size=batch_size, batch_tokens=batch_tokens)
+    scorer = ModelScorer(lm, batch_size=batch_size, batch_tokens=batch_tokens, dense=dense)
     ids = [int(i) for i in ids]
     nlls: list[np.ndarray] = []
     done = seen = 0
@@ -227,8 +228,9 @@ def comparison_stats(nll_q: np.ndarray, nll_b: np.ndarray, kld: np.ndarray, same
 
 def compare(lm, base, ids: Sequence[int], *, ctx: int | None = None, stride: int | None = None,
             batch_size: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-            progress: Callable[[int], None] | None = None) -> Comparison:
+            progress: Callable[[int], None] | None = None, dense: bool = True) -> Comparison:
     """KL divergence of `lm`'s next-token distributions from `base`'s over the same windows of `ids`.
+    dense: how `lm` is scored (see `ModelScorer`; False measures the packed kernels generation uses).
 
     Both models must share the vocabulary. Ctrl-C returns the figures of the windows finished so far.
     """
@@ -241,7 +243,7 @@ def compare(lm, base, ids: Sequence[int], *, ctx: int | None = None, stride: int
     stride = ctx if stride is None else stride
     wins = windows(len(ids), ctx, stride)
     ids = [int(i) for i in ids]
-    sq = ModelScorer(lm, batch_size=batch_size, batch_tokens=batch_tokens)
+    sq = ModelScorer(lm, batch_size=batch_size, batch_tokens=batch_tokens, dense=dense)
     sb = ModelScorer(base, batch_size=batch_size, batch_tokens=batch_tokens)
     parts: dict[str, list[np.ndarray]] = {"q": [], "b": [], "kld": [], "same": []}
     t0 = time.perf_counter()
