@@ -150,13 +150,13 @@ def test_dequantized_int4_weights_are_the_values_the_kernel_uses():
     assert torch.equal(lin.dequantized(bn, 2 * bn), want[bn:2 * bn])
 
 
-def test_dense_scoring_runs_float32_gemms_only_inside_the_block(monkeypatch):
+def test_dense_matmuls_runs_float32_gemms_only_inside_the_block(monkeypatch):
     import threading
     lin, q, scale, zero = _int4_layer(N=256, K=256, seed=4)
     w = _ref_int4(q, scale.bfloat16().float(), zero.bfloat16().float())
     x = torch.randn(Q.DENSE_MIN_ROWS + 16, 256)
     kernel = lin(x)                                   # outside the block: the packed kernel (bf16 inputs)
-    with Q.dense_scoring():
+    with Q.dense_matmuls():
         dense = lin(x)
         few = lin(x[:Q.DENSE_MIN_ROWS - 1])           # too few rows: still the kernel
         other = []
@@ -168,6 +168,6 @@ def test_dense_scoring_runs_float32_gemms_only_inside_the_block(monkeypatch):
     assert (kernel - exact).abs().max() > (dense - exact).abs().max()  # the kernel rounds inputs to bf16
     # Tiled over output rows (small tile) gives the same numbers as one GEMM.
     monkeypatch.setattr(Q, "DENSE_TILE", Q.int4pack_block_rows() * 256)
-    with Q.dense_scoring():
+    with Q.dense_matmuls():
         assert torch.equal(lin(x), dense)
     assert torch.equal(lin(x), kernel)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..generate.engine import context_length
-from ..model.quant import Int8Linear, dense_scoring
+from ..model.quant import Int8Linear, dense_matmuls
 
 # Rows of logits materialised at once (rows x vocab float32: 512 x 128k = 256 MB at worst).
 LOGIT_ROWS = 512
@@ -101,7 +101,7 @@ class ModelScorer:
     """Scores token sequences with an in-process model (a `LoadedModel`).
 
     batch_size: at most this many sequences per forward (None: as many as fit in `batch_tokens`).
-    dense: int4 layers run as float32 GEMMs over their dequantized weights (`model.quant.dense_scoring`: the
+    dense: int4 layers run as float32 GEMMs over their dequantized weights (`model.quant.dense_matmuls`: the
     same weights, about 3x faster at scoring sizes, float32 activations); False scores through the packed
     kernels generation uses, to measure what generation computes.
     """
@@ -141,7 +141,7 @@ class ModelScorer:
         batch = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, s in enumerate(seqs):
             batch[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-        with dense_scoring() if self.dense else contextlib.nullcontext():  # scored, never decoded from
+        with dense_matmuls() if self.dense else contextlib.nullcontext():  # scored, never decoded from
             hidden = self.lm.model.hidden_states(batch.to(self.device))  # [B, T, C]
         for r, (s, first) in enumerate(zip(seqs, firsts)):
             h = hidden[r, first - 1:len(s) - 1]                     # [n, C]: the positions predicting ids[first:]

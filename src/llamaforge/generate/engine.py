@@ -10,8 +10,10 @@ be the beginning of a stop string is held back until it is clearly not one.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ import torch
 
 from ..errors import ContextLengthError, InvalidRequestError
 from ..model.llama import ATTENTION_BLOCK
-from ..model.quant import dense_scoring
+from ..model.quant import dense_matmuls, dense_rows_invariant
 from . import compiled
 from .prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, common_prefix
 from .sampling import LogitsProcessor, Sampler, SamplingParams, check_token_ids
@@ -38,6 +40,14 @@ DEFAULT_PREFILL_CHUNK = 256
 # let the schedule change which positions are computed together: prefill chunks end on an aligned grid, and
 # reused keys/values stop on it and come only from prompt prefills (a position computed by decode is rounded
 # differently from the same position computed by prefill).
+#
+# Dense prefill: a prompt of at least DENSE_PREFILL_TOKENS tokens is prefilled with float32 GEMMs over the int4
+# weights dequantized per forward (model/quant.py; ~2.5x faster at chunk sizes, but a fixed dequantization cost
+# that short prompts would not earn back). Whether a prompt takes it depends only on the prompt's length, every
+# chunk of it takes it, the GEMM gives a row the same numbers whatever the chunk's size (probed per layer shape,
+# `dense_rows_invariant`; chunks of fewer rows are padded) and reused keys/values come only from prompts that
+# took the same path: so the tokens stay as deterministic as above. LLAMAFORGE_DENSE_PREFILL=0 turns it off.
+DENSE_PREFILL_TOKENS = 128
 
 
 class TokenEvent(NamedTuple):
@@ -95,6 +105,7 @@ class Request:
     stop_ids: frozenset[int]
     user_data: Any = None
     state: str = "queued"            # queued -> prefill -> decode -> done
+    dense: bool = False              # prefilled by dense GEMMs (see DENSE_PREFILL_TOKENS)
     row: int | None = None
     pos: int = 0                     # tokens already written to the cache
     output_ids: list[int] = field(default_factory=list)
@@ -237,6 +248,9 @@ class BatchEngine:
         self.prefix_cache = PrefixCache(self.reuse_unit, prefix_cache_bytes)
         self._rows: list[Request | None] = [None] * max_batch
         self._row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each free row's cache holds
+        self._row_dense = [False] * max_batch                                 # ... and by which prefill path
+        self.dense_prefill_tokens = DENSE_PREFILL_TOKENS if _dense_prefill_allowed(self.model, self.device) \
+            else None
         self._queue: list[Request] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -310,6 +324,7 @@ class BatchEngine:
             # Remember the prompt tokens this row prefilled, so a later prompt with the same prefix skips
             # recomputing them (generated tokens' keys came from decode steps and are not reused: determinism).
             self._row_tokens[req.row] = req.prompt_ids[:min(req.pos, len(req.prompt_ids))]
+            self._row_dense[req.row] = req.dense
             self.cache.reset(req.row)
         req.row = None
 
@@ -326,8 +341,12 @@ class BatchEngine:
                 if not free:
                     break
                 req = self._queue.pop(0)
-                # The free row whose cached tokens share the longest prefix with this prompt (prefix reuse).
-                shared = {r: common_prefix(self._row_tokens[r], req.prompt_ids) for r in free}
+                req.dense = self.dense_prefill_tokens is not None and len(req.prompt_ids) >= \
+                    self.dense_prefill_tokens
+                # The free row whose cached tokens share the longest prefix with this prompt (prefix reuse),
+                # among rows whose keys/values came from the same prefill path.
+                shared = {r: common_prefix(self._row_tokens[r], req.prompt_ids)
+                          if self._row_dense[r] == req.dense else 0 for r in free}
                 row = max(free, key=lambda r: (shared[r], -r))
                 # At least the last prompt token is recomputed: its logits give the first new token. Reuse stops
                 # on the aligned grid, so the rest is prefilled in the same blocks as in a fresh run.
@@ -337,8 +356,8 @@ class BatchEngine:
                 # (a row's own prefix costs no copy while the row still holds it).
                 old = self._row_tokens[row]
                 if len(old) >= reuse + self.reuse_unit:
-                    self.prefix_cache.store(old, self.cache, row, len(old))
-                blocks = self.prefix_cache.lookup(req.prompt_ids, limit)
+                    self.prefix_cache.store(old, self.cache, row, len(old), _salt(self._row_dense[row]))
+                blocks = self.prefix_cache.lookup(req.prompt_ids, limit, _salt(req.dense))
                 if len(blocks) * self.reuse_unit > reuse:  # the shared cache holds more of this prefix
                     self.prefix_cache.load_into(blocks, self.cache, row, reuse // self.reuse_unit, self.reuse_unit)
                     reuse = len(blocks) * self.reuse_unit
@@ -393,7 +412,8 @@ class BatchEngine:
                     break
             chunk = torch.tensor([req.prompt_ids[req.pos:req.pos + n]], dtype=torch.long, device=self.device)
             rows = None if req.row == 0 else torch.tensor([req.row], device=self.device)
-            logits = self.model(chunk, cache=self.cache, input_pos=req.pos, rows=rows, last_only=True)
+            with dense_matmuls(1) if req.dense else contextlib.nullcontext():
+                logits = self.model(chunk, cache=self.cache, input_pos=req.pos, rows=rows, last_only=True)
             req.pos += n
             self.cache.lengths[req.row] = req.pos
             budget -= n
@@ -469,6 +489,16 @@ class BatchEngine:
         events.append((req, TokenEvent(tok, text, s.logprob, s.top_logprobs, reason)))
 
 
+def _salt(dense: bool) -> bytes:
+    return b"dense-prefill" if dense else b""
+
+
+def _dense_prefill_allowed(model, device) -> bool:
+    if os.environ.get("LLAMAFORGE_DENSE_PREFILL", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return torch.device(device).type == "cpu" and dense_rows_invariant(model)
+
+
 @torch.inference_mode()
 def prompt_logprobs(lm, prompt_ids: Sequence[int], top_n: int = 0, *, chunk: int = DEFAULT_PREFILL_CHUNK
                     ) -> list[tuple[float | None, list[tuple[int, float]] | None]]:
@@ -490,7 +520,7 @@ def prompt_logprobs(lm, prompt_ids: Sequence[int], top_n: int = 0, *, chunk: int
     out: list[tuple[float | None, list[tuple[int, float]] | None]] = [(None, None)]
     for start in range(0, len(ids), chunk):
         piece = ids[start:start + chunk]
-        with dense_scoring():  # this cache is scored and dropped, never decoded from
+        with dense_matmuls():  # this cache is scored and dropped, never decoded from
             logits = model(torch.tensor([piece], device=device), cache=cache, input_pos=start)[0]  # [T, V]
         lp = torch.log_softmax(logits.float(), dim=-1).cpu()
         targets = ids[start + 1:start + 1 + len(piece)]

@@ -47,20 +47,21 @@ class PrefixCache:
         self.hit_tokens = 0       # tokens found here
         self.evictions = 0
 
-    def _keys(self, ids: Sequence[int], n_blocks: int) -> list[bytes]:
-        keys, prev = [], b""
+    def _keys(self, ids: Sequence[int], n_blocks: int, salt: bytes = b"") -> list[bytes]:
+        keys, prev = [], salt
         for k in range(n_blocks):
             prev = _chain(prev, ids[k * self.block:(k + 1) * self.block])
             keys.append(prev)
         return keys
 
-    def lookup(self, ids: Sequence[int], limit: int) -> list[_Block]:
-        """The cached blocks that start `ids`, at most `limit` tokens of them, in order (counted in stats)."""
+    def lookup(self, ids: Sequence[int], limit: int, salt: bytes = b"") -> list[_Block]:
+        """The cached blocks that start `ids`, at most `limit` tokens of them, in order (counted in stats).
+        `salt` separates blocks computed by different kernels (the engine's prefill paths)."""
         n = max(0, limit) // self.block
         self.lookups += 1
         self.lookup_tokens += n * self.block
         found = []
-        for k, key in enumerate(self._keys(ids, n)):
+        for k, key in enumerate(self._keys(ids, n, salt)):
             blk = self._blocks.get(key)
             if blk is None or blk.tokens != tuple(ids[k * self.block:(k + 1) * self.block]):
                 break
@@ -81,12 +82,12 @@ class PrefixCache:
                 cache.k[layer][row, :, a:b] = blocks[k].k[layer]
                 cache.v[layer][row, :, a:b] = blocks[k].v[layer]
 
-    def store(self, ids: Sequence[int], cache, row: int, upto: int) -> None:
+    def store(self, ids: Sequence[int], cache, row: int, upto: int, salt: bytes = b"") -> None:
         """Keep the blocks of `ids[:upto]` held in `row` of `cache` (whole blocks only; known ones just touched)."""
         if self.max_bytes == 0:
             return
         n = max(0, upto) // self.block
-        for k, key in enumerate(self._keys(ids, n)):
+        for k, key in enumerate(self._keys(ids, n, salt)):
             if key in self._blocks:
                 self._blocks.move_to_end(key)
                 continue

@@ -129,8 +129,13 @@ class Int4Linear(nn.Module):
         return w.view(end - begin, K)
 
     def _dense_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T in float32 over weights dequantized in row tiles of at most DENSE_TILE elements."""
+        """x @ W.T in float32 over weights dequantized in row tiles of at most DENSE_TILE elements. Fewer than
+        DENSE_PAD_ROWS rows are padded to that many: below it the BLAS picks other kernels, and a row's numbers
+        would depend on how many rows came with it."""
         x = x.float()
+        m = x.shape[0]
+        if m < DENSE_PAD_ROWS:
+            return self._dense_matmul(torch.cat([x, x.new_zeros(DENSE_PAD_ROWS - m, x.shape[1])]))[:m]
         bn = int4pack_block_rows()
         rows = max(bn, DENSE_TILE // self.in_features // bn * bn)
         if rows >= self.out_features:
@@ -145,27 +150,52 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
 
 
-# --------------------------------------------------------------------------------------------- dense scoring
-# Scoring (perplexity, log-likelihood tasks, prompt logprobs) runs hundreds of rows per matmul. There the packed
-# int4 kernel, built for a few rows, costs ~3x a float32 GEMM over weights dequantized on the fly (SmolLM2,
-# 2048 rows: 11.8 s vs 3.7-4.2 s for all int4 layers, of which 0.2 s is dequantizing). Generation never takes
-# this path: a position must go through the same kernel whether it arrives by prefill or decode (deterministic
-# results, issue 20), so the dense path is opt-in, per thread, for code that only reads logits.
+# --------------------------------------------------------------------------------------------- dense matmuls
+# Scoring (perplexity, log-likelihood tasks, prompt logprobs) and long prompt prefills run hundreds of rows per
+# matmul. There the packed int4 kernel, built for a few rows, costs ~3x a float32 GEMM over weights dequantized
+# on the fly (SmolLM2, 2048 rows: 11.8 s vs 3.7-4.2 s for all int4 layers, of which 0.2 s is dequantizing).
+# It is opt-in, per thread: the same position must go through the same path whenever it is computed (a decode
+# step always takes the packed kernel), so the engine uses it only for whole prompts it chose it for
+# (generate/engine.py) and scorers for forwards nothing decodes from.
 DENSE_MIN_ROWS = 64            # below this the fixed dequantization cost outweighs the GEMM's gain
+DENSE_PAD_ROWS = 16            # fewer rows are padded (see Int4Linear._dense_matmul)
 DENSE_TILE = 8 * 1024 * 1024   # weight elements dequantized at once (32 MB of float32)
 _DENSE = threading.local()
 
 
 @contextmanager
-def dense_scoring(min_rows: int = DENSE_MIN_ROWS):
+def dense_matmuls(min_rows: int = DENSE_MIN_ROWS):
     """Within the block (this thread only), int4 layers given at least `min_rows` rows run as float32 GEMMs
-    over their dequantized weights. For forwards whose outputs are only scored, never continued by decode."""
+    over their dequantized weights (see the comment above for when that is allowed)."""
     prev = getattr(_DENSE, "min_rows", None)
     _DENSE.min_rows = min_rows
     try:
         yield
     finally:
         _DENSE.min_rows = prev
+
+
+def dense_rows_invariant(model) -> bool:
+    """Whether the dense path gives each row the same numbers whatever other rows (at least DENSE_PAD_ROWS of
+    them) share its GEMM, for every int4 layer shape of `model`: the condition for using it in prefill, where
+    the same position may be computed in chunks of different sizes (a repeated prompt, another chunk budget).
+    Probed on random data of each shape; False when the model has no int4 layers the path can read."""
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, Int4Linear)}
+    if not shapes or not all(m.can_dequantize() for m in model.modules() if isinstance(m, Int4Linear)):
+        return False
+    return all(_rows_invariant(n, k) for n, k in sorted(shapes))
+
+
+@functools.cache
+def _rows_invariant(n: int, k: int) -> bool:
+    g = torch.Generator().manual_seed(n * 7919 + k)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(300, k, generator=g)
+    full = F.linear(x, w)
+    for a, m in ((0, DENSE_PAD_ROWS), (5, DENSE_PAD_ROWS + 1), (37, 31), (3, 64), (100, 100), (1, 255)):
+        if not torch.equal(F.linear(x[a:a + m], w), full[a:a + m]):
+            return False
+    return True
 
 
 @functools.cache
