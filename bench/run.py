@@ -60,8 +60,13 @@ class LlamaforgeRunner:
         self.cache = self.model.new_cache(1, N_CTX)
 
     def prefill(self, ids):
+        import contextlib
         from llamaforge.generate.engine import DEFAULT_PREFILL_CHUNK as chunk
-        with self.torch.inference_mode():  # in the engine's chunks, as `run` and `serve` do
+        from llamaforge.generate.engine import DENSE_PREFILL_TOKENS, dense_prefill_allowed
+        from llamaforge.model.quant import dense_matmuls
+        # In the engine's chunks and by the engine's path (dense GEMMs for long prompts), as `run` and `serve` do.
+        dense = len(ids) >= DENSE_PREFILL_TOKENS and dense_prefill_allowed(self.model, "cpu")
+        with self.torch.inference_mode(), dense_matmuls(1) if dense else contextlib.nullcontext():
             for s in range(0, len(ids), chunk):
                 logits = self.model(self.torch.tensor([ids[s:s + chunk]]), cache=self.cache, input_pos=s,
                                     last_only=True)

@@ -249,7 +249,7 @@ class BatchEngine:
         self._rows: list[Request | None] = [None] * max_batch
         self._row_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each free row's cache holds
         self._row_dense = [False] * max_batch                                 # ... and by which prefill path
-        self.dense_prefill_tokens = DENSE_PREFILL_TOKENS if _dense_prefill_allowed(self.model, self.device) \
+        self.dense_prefill_tokens = DENSE_PREFILL_TOKENS if dense_prefill_allowed(self.model, self.device) \
             else None
         self._queue: list[Request] = []
         self._ids = itertools.count(1)
@@ -493,7 +493,8 @@ def _salt(dense: bool) -> bytes:
     return b"dense-prefill" if dense else b""
 
 
-def _dense_prefill_allowed(model, device) -> bool:
+def dense_prefill_allowed(model, device) -> bool:
+    """Whether prompts of DENSE_PREFILL_TOKENS or more are prefilled by dense GEMMs on `model` (see the top)."""
     if os.environ.get("LLAMAFORGE_DENSE_PREFILL", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return torch.device(device).type == "cpu" and dense_rows_invariant(model)
