@@ -159,7 +159,7 @@ class Int4Linear(nn.Module):
 # (generate/engine.py) and scorers for forwards nothing decodes from.
 DENSE_MIN_ROWS = 64            # below this the fixed dequantization cost outweighs the GEMM's gain
 DENSE_PAD_ROWS = 16            # fewer rows are padded (see Int4Linear._dense_matmul)
-DENSE_TILE = 8 * 1024 * 1024   # weight elements dequantized at once (32 MB of float32)
+DENSE_TILE = 1024 * 1024         # weight elements dequantized at once (4 MB of float32: stays in cache)
 _DENSE = threading.local()
 
 
