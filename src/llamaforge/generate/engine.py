@@ -42,11 +42,12 @@ DEFAULT_PREFILL_CHUNK = 256
 # differently from the same position computed by prefill).
 #
 # Dense prefill: a prompt of at least DENSE_PREFILL_TOKENS tokens is prefilled with float32 GEMMs over the int4
-# weights dequantized per forward (model/quant.py; ~2.5x faster at chunk sizes, but a fixed dequantization cost
-# that short prompts would not earn back). Whether a prompt takes it depends only on the prompt's length, every
-# chunk of it takes it, the GEMM gives a row the same numbers whatever the chunk's size (probed per layer shape,
-# `dense_rows_invariant`; chunks of fewer rows are padded) and reused keys/values come only from prompts that
-# took the same path: so the tokens stay as deterministic as above. LLAMAFORGE_DENSE_PREFILL=0 turns it off.
+# weights dequantized per forward (model/quant.py; 1.2-1.5x faster prefill, bench/NOTES.md, but a fixed
+# dequantization cost that short prompts would not earn back). Whether a prompt takes it depends only on the
+# prompt's length, every chunk of it takes it, the GEMM gives a row the same numbers whatever the chunk's size
+# (probed per layer shape, `dense_rows_invariant`; chunks of fewer rows are padded) and reused keys/values come only
+# from prompts that took the same path: so the tokens stay as deterministic as above. LLAMAFORGE_DENSE_PREFILL=0
+# turns it off.
 DENSE_PREFILL_TOKENS = 128
 
 

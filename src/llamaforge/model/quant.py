@@ -116,12 +116,8 @@ class Int4Linear(nn.Module):
         the values the packed kernel multiplies by."""
         bn, K = int4pack_block_rows(), self.in_features
         end = self.out_features if end is None else end
-        # torch's CPU packing stores, per block of bn output rows and per input column k, bn/2 bytes: the low
-        # nibbles are rows 0..bn/2-1 of the block, the high nibbles rows bn/2..bn-1 (probed at start-up).
         b = self.packed.view(self.out_features // bn, K, bn // 2)[begin // bn:end // bn]
-        w = torch.empty((b.shape[0], 2, bn // 2, K), dtype=torch.float32)
-        w[:, 0].copy_((b & 15).transpose(1, 2))
-        w[:, 1].copy_((b >> 4).transpose(1, 2))
+        w = _unpack_int4(b, torch.float32)
         sz = self.scales_zeros[:, begin:end].float()            # [K/32, n, 2]
         scale, zero = sz[..., 0].t(), sz[..., 1].t()            # [n, K/32]
         w = w.view(end - begin, K // GROUP, GROUP)
@@ -159,7 +155,7 @@ class Int4Linear(nn.Module):
 # (generate/engine.py) and scorers for forwards nothing decodes from.
 DENSE_MIN_ROWS = 64            # below this the fixed dequantization cost outweighs the GEMM's gain
 DENSE_PAD_ROWS = 16            # fewer rows are padded (see Int4Linear._dense_matmul)
-DENSE_TILE = 1024 * 1024         # weight elements dequantized at once (4 MB of float32: stays in cache)
+DENSE_TILE = 1024 * 1024       # weight elements dequantized at once (4 MB of float32: stays in cache)
 _DENSE = threading.local()
 
 
@@ -180,10 +176,10 @@ def dense_rows_invariant(model) -> bool:
     them) share its GEMM, for every int4 layer shape of `model`: the condition for using it in prefill, where
     the same position may be computed in chunks of different sizes (a repeated prompt, another chunk budget).
     Probed on random data of each shape; False when the model has no int4 layers the path can read."""
-    shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, Int4Linear)}
-    if not shapes or not all(m.can_dequantize() for m in model.modules() if isinstance(m, Int4Linear)):
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not layers or not all(m.can_dequantize() for m in layers):
         return False
-    return all(_rows_invariant(n, k) for n, k in sorted(shapes))
+    return all(_rows_invariant(n, k) for n, k in sorted({(m.out_features, m.in_features) for m in layers}))
 
 
 @functools.cache
@@ -211,11 +207,20 @@ def int4pack_block_rows() -> int | None:
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (N, K // 2):
         return None
     for bn in (8, 16, 32, 64, 128, 256):
-        b = packed.view(N // bn, K, bn // 2)
-        got = torch.stack([b & 15, b >> 4], 1).transpose(2, 3).reshape(N, K)
-        if torch.equal(got.to(torch.int32), q):
+        if torch.equal(_unpack_int4(packed.view(N // bn, K, bn // 2), torch.int32), q):
             return bn
     return None
+
+
+def _unpack_int4(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 4-bit values [blocks * bn, K] of packed bytes viewed as [blocks, K, bn/2]. torch's CPU packing stores,
+    per block of bn output rows and per input column, bn/2 bytes: the low nibbles are rows 0..bn/2-1 of the
+    block, the high nibbles rows bn/2..bn-1 (`int4pack_block_rows` finds bn)."""
+    blocks, K, half = b.shape
+    w = torch.empty((blocks, 2, half, K), dtype=dtype)
+    w[:, 0].copy_((b & 15).transpose(1, 2))
+    w[:, 1].copy_((b >> 4).transpose(1, 2))
+    return w.view(blocks * 2 * half, K)
 
 
 class Int8Linear(nn.Module):
