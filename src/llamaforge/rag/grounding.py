@@ -8,6 +8,12 @@ to say so when they do not hold the answer. `ctx.citations` = [{"n", "source", "
 `CitationFilter` rewrites the markers the model writes into the canonical `[n]`: "[Source 2]", "[2, 3]",
 "【2】" become "[2]" / "[2][3]"; a marker that names no source given is removed (a citation must point at a real
 passage). Text is held back only while a marker may still be opening, so streaming stays smooth.
+
+Two measured aids for small models (bench/NOTES.md, "Grounded answers"): tokens are chosen by context-aware
+decoding against the same conversation without the sources (`generate/contrast.py`, `CONTRAST`), and the finished
+answer is checked against the passage sentences (`rag/verify.py`): an answer drawn from a sentence about another
+matter is replaced by the sentence that answers the question. The check needs the whole answer, so a checked
+answer is released when it is complete (`RetrievalStage(check=False)` streams it token by token).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ SYSTEM = ("You answer questions using only the numbered sources given with the q
           "If the sources do not contain the answer, say that the sources do not say.")
 INSTRUCTION = "Answer with one sentence from the sources and cite its number, like [1]."
 EXCERPT_WORDS = 60     # words of each passage shown to the model (its best-matching sentences)
+CONTRAST = 0.5         # context-aware decoding strength (0 turns it off)
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])|\n\s*\n")
 _QWORD = re.compile(r"[a-z0-9]+", re.IGNORECASE)
@@ -63,6 +70,11 @@ def excerpt(text: str, question: str, max_words: int = EXCERPT_WORDS) -> str:
 
 def format_sources(hits: list[Hit], question: str = "") -> str:
     return "\n".join(f"[{n}] {excerpt(h.text, question)}" for n, h in enumerate(hits, 1))
+
+
+def plain_user_message(question: str) -> str:
+    """The grounded message without its sources: what the contrast of context-aware decoding is taken against."""
+    return f"Question: {question}\n{INSTRUCTION}"
 
 
 def grounded_user_message(question: str, hits: list[Hit]) -> str:
@@ -114,8 +126,10 @@ class RetrievalStage(Stage):
     name = "retrieval"
     provides = ("retrieval",)
 
-    def __init__(self, root=None):
+    def __init__(self, root=None, *, contrast: float = CONTRAST, check: bool = True):
         self.root = root
+        self.contrast = float(contrast)
+        self.check = bool(check)
 
     def applies(self, request) -> bool:
         return request.retrieval is not None
@@ -150,9 +164,36 @@ class RetrievalStage(Stage):
             ctx.messages[sys_at] = dict(ctx.messages[sys_at], content=ctx.messages[sys_at]["content"].rstrip()
                                         + "\n\n" + SYSTEM)
         ctx.extra["retrieval"] = {"collection": name, "k": k, "hits": len(hits)}
+        if hits and self.contrast > 0 and not ctx.request.context:
+            plain = [dict(m) for m in ctx.messages]
+            at = max(i for i, m in enumerate(plain) if m["role"] == "user")   # moved if a system turn was added
+            plain[at] = dict(plain[at], content=plain_user_message(question))
+            ctx.extra["_retrieval_plain"] = (plain, dict(ctx.format_kwargs))
+        # The answer check may replace the answer with a source sentence: not where the output has a set shape.
+        if hits and self.check and ctx.request.constraint is None and not ctx.request.tools:
+            ctx.extra["_retrieval_check"] = self._answer_check(name, hits, question)
+
+    def _answer_check(self, name: str, hits: list[Hit], question: str):
+        from .index import Index
+        from .search import embedder_for
+        from .verify import build_check
+        with Index(name, root=self.root) as index:
+            embedder = embedder_for(index)
+        return build_check(hits, question, embedder)
+
+    def processors(self, plan) -> list:
+        held = plan.extra.get("_retrieval_plain")
+        if not held or plan.lm is None or getattr(plan.lm, "model", None) is None:
+            return []
+        from ..generate.chat_formats import chat_format
+        from ..generate.contrast import ContextContrast
+        messages, kwargs = held
+        ids = chat_format(plan.lm).encode(messages, add_generation_prompt=True, **kwargs)
+        return [ContextContrast(plan.lm.model, list(ids), len(plan.prompt_ids), self.contrast,
+                                plan.params.max_tokens)]
 
     def output(self, plan) -> OutputFilter:
-        return CitationFilter(plan.citations)
+        return CitationFilter(plan.citations, check=plan.extra.get("_retrieval_check"))
 
 
 # A marker: "[2]", "[2, 3]", "[Source 2]", "[source 2 and 3]", "【2】", "[^2]".
@@ -172,8 +213,10 @@ class CitationFilter(OutputFilter):
     check the answer against, whatever number the model wrote.
     """
 
-    def __init__(self, citations: list[dict] | int):
+    def __init__(self, citations: list[dict] | int, check=None):
         cits = citations if isinstance(citations, list) else [{}] * int(citations)
+        self.check = check            # a rag.verify.AnswerCheck: hold the answer until it has been checked
+        self.held = ""
         self.sources = [c.get("text", "") for c in cits]
         self.names = [c.get("source", "") for c in cits]
         self.n = len(self.sources)
@@ -231,6 +274,9 @@ class CitationFilter(OutputFilter):
     def feed(self, deltas: list[Delta]) -> list[Delta]:
         out = []
         for d in deltas:
+            if self.check is not None and not d.tool_calls:
+                self.held += d.text
+                continue
             text = self._process(d.text, False) if d.text else ""
             self.text.append(text)
             if text or d.tool_calls:
@@ -238,7 +284,15 @@ class CitationFilter(OutputFilter):
         return out
 
     def finish(self, result: Result) -> list[Delta]:
-        tail = self._process("", True)
+        tail = self._process(self.held, True)
+        if self.check is not None:
+            verdict = self.check.verdict(tail)
+            result.extra["grounding"] = {"answer": verdict["answer"]}
+            if verdict["answer"] == "extracted":
+                self.cited = [verdict["n"]]
+                result.citations = [dict(c, cited=c.get("n") in self.cited) for c in result.citations]
+                result.extra["citation_markers"] = "extracted"
+                return [Delta(f'{verdict["sentence"]} [{verdict["n"]}]')]
         how = ("corrected" if self.corrected else "model") if self.cited else "none"
         if not self.cited:
             n = attribute("".join(self.text) + tail, self.sources, self.names)
