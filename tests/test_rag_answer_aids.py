@@ -158,3 +158,24 @@ def test_checked_answers_are_held_until_checked(pieces, text, cited, how):
     assert [c["n"] for c in result.citations if c["cited"]] == cited
     assert result.extra["citation_markers"] == how
     assert result.extra["grounding"]["answer"] == ("extracted" if how == "extracted" else "model")
+
+
+def test_check_candidates_are_sentences_not_titles():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from llamaforge.rag.verify import build_check
+
+    class Embedder:   # bag of letters: enough to order sentences by closeness to the question
+        def embed(self, texts):
+            return np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] for t in texts],
+                            dtype=np.float32)
+
+    hits = [SimpleNamespace(text="The Veltmark Glassworks\n\nThe glassworks opened in 1903. It makes green bottles."),
+            SimpleNamespace(text="Opening hours\n\nIt is open from 9:00 to 17:00 on weekdays and closed on Sundays")]
+    check = build_check(hits, "When did the glassworks open?", Embedder())
+    assert check.sentences == ["The glassworks opened in 1903.", "It makes green bottles.",
+                               "It is open from 9:00 to 17:00 on weekdays and closed on Sundays"]
+    assert check.passages == [1, 1, 2] and len(check.cosines) == 3
+    assert build_check(hits, "q", None) is None and build_check([], "q", Embedder()) is None

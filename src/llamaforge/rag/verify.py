@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MARGIN = 0.2          # cosine the answer's sentence may trail the closest sentence by
-MIN_WORDS = 3         # shorter fragments (headings, list stubs) are not candidate sentences
+MIN_WORDS = 3         # shorter fragments (list stubs) are not candidate sentences
+TITLE_WORDS = 8       # ... nor lines this short without a full stop: titles ("The Veltmark Glassworks")
 
 
 @dataclass
@@ -63,7 +64,8 @@ def build_check(hits, question: str, embedder, margin: float = MARGIN) -> Answer
     for n, h in enumerate(hits, 1):
         for s in _SENTENCE.split(h.text):
             s = " ".join((s or "").split())
-            if len(s.split()) >= MIN_WORDS:
+            words = len(s.split())
+            if words >= MIN_WORDS and (words >= TITLE_WORDS or s.endswith((".", "!", "?", ";", ":", '"', ")"))):
                 sents.append(s)
                 nums.append(n)
     if not sents:
