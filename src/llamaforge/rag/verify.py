@@ -9,9 +9,9 @@ the founding year), or nothing they say at all, and the answer becomes the close
 its marker. So does an answer that only repeats words of the question ("The Sorrel Coast Railway [1]"): it states
 nothing. Refusals ("the sources do not say") stand.
 
-Measured on the shipped questions and the held-out ones with SmolLM2-135M (bench/NOTES.md, "Grounded answers"):
-the check lifts the share of answers that hold the fact and cite its source; a margin from 0.1 to 0.2 gave the
-same verdict on both sets.
+Measured with SmolLM2-135M (bench/NOTES.md, "Grounded answers with context-aware decoding"): with the contrast of
+generate/contrast.py, the check lifts answers that hold the fact and cite its source from 0.619 to 0.810 on the
+shipped questions and from 0.714 to 0.786 on the held-out ones (margins of 0.1-0.15 gave 0.762 / 0.714).
 """
 from __future__ import annotations
 
