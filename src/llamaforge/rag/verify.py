@@ -2,7 +2,7 @@
 
 Before generation, every sentence of the retrieved passages is scored against the question with the collection's
 embedding model (cosine). After generation, the sentence the answer was drawn from is the one holding most of
-the answer's distinctive words (`grounding.overlap_scores`, numbers count double). The answer stands when that
+the answer's distinctive words (`overlap.overlap_scores`, numbers count double). The answer stands when that
 sentence is about as close to the question as the closest sentence of all (within `MARGIN`). Otherwise the
 model stated something the sources say about another matter ("2019" from the mayor's election when asked for
 the founding year), or nothing they say at all, and the answer becomes the closest sentence itself, quoted with
@@ -40,7 +40,7 @@ class AnswerCheck:
 
     def verdict(self, answer: str) -> dict:
         """{"answer": "model" | "extracted", "sentence", "n"}: what to answer with (see module docstring)."""
-        from .grounding import _MARKER, _REFUSALS, _answer_words, overlap_scores
+        from .overlap import _MARKER, _REFUSALS, _answer_words, overlap_scores
         body = _MARKER.sub(" ", answer)
         keep = {"answer": "model"}
         if not self.sentences or any(r in body.lower() for r in _REFUSALS):
@@ -57,7 +57,7 @@ class AnswerCheck:
 
 def build_check(hits, question: str, embedder, margin: float = MARGIN) -> AnswerCheck | None:
     """The check for these passages, or None when the collection has no embedding model to score with."""
-    from .grounding import _SENTENCE
+    from .overlap import _SENTENCE
     if embedder is None or not hits:
         return None
     sents, nums = [], []
