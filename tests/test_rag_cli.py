@@ -89,6 +89,7 @@ def test_ask_json_with_the_default_model(capsys):
     assert rc == 0, err
     res = json.loads(out)
     assert set(res) >= {"answer", "citations"} and "12" in res["answer"]
+    assert res["grounding"] in ("model", "extracted")
     assert [c["n"] for c in res["citations"]] == [1, 2, 3]
     assert set(res["citations"][0]) >= {"n", "source", "text", "chunk_id"}
     cited = [c for c in res["citations"] if c["cited"]]

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=5, help="passages to ground the answer in (default 5)")
     sp.add_argument("--system", metavar="TEXT", help="a system prompt (the grounding rules are added to it)")
     add_sampling_flags(sp)
-    sp.add_argument("--json", action="store_true", help='print {"answer", "citations"}')
+    sp.add_argument("--json", action="store_true", help='print {"answer", "citations", "grounding"}')
 
     sp = sub.add_parser("eval", help="recall@k, MRR and answer accuracy on a questions file")
     coll(sp)
@@ -166,8 +166,9 @@ def _ask(args) -> int:
     retrieval = {"collection": args.collection, "k": args.k}
     if args.json:
         c = lm.chat(messages, retrieval=retrieval, **sampling)
+        # grounding: "model" (the model's answer passed the answer check) or "extracted" (a source sentence)
         _print_json({"answer": c.text, "citations": [_citation(x) for x in c.citations],
-                     "finish_reason": c.finish_reason})
+                     "finish_reason": c.finish_reason, "grounding": (c.extra.get("grounding") or {}).get("answer")})
         return 0
     s = lm.chat(messages, stream=True, retrieval=retrieval, **sampling)
     for ev in s:
