@@ -5,7 +5,8 @@ a small model shown "Veltmark was founded in 1647" still tends to answer from it
 with the same conversation without the sources cancels that prior.
 
 `ContextContrast` is a logits processor. It runs the model on the context-free prompt beside the request, one
-token per step, in its own small KV cache: the request's own forward pass (batched, compiled) is untouched.
+token per step, in its own small KV cache (through the compiled decode step when `lm` has one): the request's own
+forward pass (batched, compiled) is untouched.
 Only tokens the context-conditioned model itself finds plausible (probability >= `PLAUSIBLE` x the best one's)
 can be chosen, so the contrast never promotes a token the grounded model rules out.
 """
@@ -24,10 +25,11 @@ class ContextContrast:
     continued by the same generated tokens. `prompt_len`: the request's prompt length (generated tokens follow
     it in the ids the sampler passes). `max_new`: how many tokens the request may generate."""
 
-    def __init__(self, model, plain_ids: Sequence[int], prompt_len: int, alpha: float, max_new: int):
+    def __init__(self, model, plain_ids: Sequence[int], prompt_len: int, alpha: float, max_new: int, lm=None):
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha!r}")
         self.model = model
+        self.lm = lm                   # a LoadedModel: single-token steps go through its compiled step
         self.plain = list(plain_ids)
         self.prompt_len = int(prompt_len)
         self.alpha = float(alpha)
@@ -55,9 +57,13 @@ class ContextContrast:
             todo, pos = list(generated[keep:]), len(self.plain) + keep
             if keep < 0:
                 todo, pos = self.plain[-1:] + list(generated), len(self.plain) - 1
-        ids = torch.tensor([todo], dtype=torch.long, device=device)
         with torch.inference_mode():
-            logits = self.model(ids, cache=self.cache, input_pos=pos, last_only=True)[0, -1]
+            if len(todo) == 1 and pos > 0 and self.lm is not None:
+                from .compiled import decode_one
+                logits = decode_one(self.lm, todo[0], self.cache, pos)
+            else:
+                ids = torch.tensor([todo], dtype=torch.long, device=device)
+                logits = self.model(ids, cache=self.cache, input_pos=pos, last_only=True)[0, -1]
         self.cache.lengths[0] = pos + len(todo)
         self.fed = list(generated)
         self.last = torch.log_softmax(logits.detach().float().cpu(), dim=-1)

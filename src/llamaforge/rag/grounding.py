@@ -190,7 +190,7 @@ class RetrievalStage(Stage):
         messages, kwargs = held
         ids = chat_format(plan.lm).encode(messages, add_generation_prompt=True, **kwargs)
         return [ContextContrast(plan.lm.model, list(ids), len(plan.prompt_ids), self.contrast,
-                                plan.params.max_tokens)]
+                                plan.params.max_tokens, lm=plan.lm)]
 
     def output(self, plan) -> OutputFilter:
         return CitationFilter(plan.citations, check=plan.extra.get("_retrieval_check"))
