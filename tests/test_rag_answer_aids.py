@@ -167,10 +167,11 @@ def test_check_candidates_are_sentences_not_titles():
 
     from llamaforge.rag.verify import build_check
 
-    class Embedder:   # bag of letters: enough to order sentences by closeness to the question
+    class Embedder:   # bag of letters, L2-normalised as every embedder's rows are
         def embed(self, texts):
-            return np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] for t in texts],
-                            dtype=np.float32)
+            v = np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz0123456789"] for t in texts],
+                         dtype=np.float32)
+            return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
     hits = [SimpleNamespace(text="The Veltmark Glassworks\n\nThe glassworks opened in 1903. It makes green bottles."),
             SimpleNamespace(text="Opening hours\n\nIt is open from 9:00 to 17:00 on weekdays and closed on Sundays")]

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from .prefix_cache import common_prefix
+
 PLAUSIBLE = 0.1
 
 
@@ -35,28 +37,22 @@ class ContextContrast:
         self.alpha = float(alpha)
         self.capacity = len(self.plain) + int(max_new) + 1
         self.cache = None
-        self.fed: list[int] = []       # generated tokens the plain sequence has consumed
+        self.fed: list[int] = []       # the tokens the plain sequence's cache holds (plain prompt + generated)
         self.last: torch.Tensor | None = None
 
     def _advance(self, generated: Sequence[int]) -> torch.Tensor | None:
         """Log-probabilities of the plain sequence's next token after `generated` (None past its capacity)."""
-        if len(self.plain) + len(generated) >= self.capacity:
+        seq = self.plain + list(generated)
+        if len(seq) >= self.capacity:
             return None
-        device = self.model.model.norm.weight.device
         if self.cache is None:
             self.cache = self.model.new_cache(1, self.capacity)
-            todo, pos = self.plain + list(generated), 0
-        else:
-            keep = 0  # a rejected speculative draft rolls back: recompute from the first difference
-            while keep < min(len(self.fed), len(generated)) and self.fed[keep] == generated[keep]:
-                keep += 1
-            if keep == len(self.fed) == len(generated) and self.last is not None:
-                return self.last
-            if keep == len(generated):   # rolled back onto an earlier position: recompute its last token
-                keep -= 1
-            todo, pos = list(generated[keep:]), len(self.plain) + keep
-            if keep < 0:
-                todo, pos = self.plain[-1:] + list(generated), len(self.plain) - 1
+        done = common_prefix(self.fed, seq)   # a rejected speculative draft rolls back to the first difference
+        if done == len(self.fed) == len(seq) and self.last is not None:
+            return self.last
+        done = min(done, len(seq) - 1)        # at least the last token is fed: its logits are the answer
+        todo, pos = seq[done:], done
+        device = self.model.model.norm.weight.device
         with torch.inference_mode():
             if len(todo) == 1 and pos > 0 and self.lm is not None:
                 from .compiled import decode_one
@@ -64,8 +60,8 @@ class ContextContrast:
             else:
                 ids = torch.tensor([todo], dtype=torch.long, device=device)
                 logits = self.model(ids, cache=self.cache, input_pos=pos, last_only=True)[0, -1]
-        self.cache.lengths[0] = pos + len(todo)
-        self.fed = list(generated)
+        self.cache.lengths[0] = len(seq)
+        self.fed = seq
         self.last = torch.log_softmax(logits.detach().float().cpu(), dim=-1)
         return self.last
 

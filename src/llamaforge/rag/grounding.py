@@ -21,9 +21,10 @@ import os
 import re
 
 from ..generate.stage import Delta, OutputFilter, PlanContext, Result, Stage
-from .index import CollectionNotFoundError, check_name
+from .index import CollectionNotFoundError, Index, check_name
 from .overlap import _MARKER, _SENTENCE, attribute, last_sentence, overlap_scores
-from .search import Hit, check_k, search
+from .search import Hit, check_k, embedder_for, search_index
+from .verify import build_check
 
 SYSTEM = ("You answer questions using only the numbered sources given with the question. "
           "Cite the source you used with its number in square brackets, for example [1]. "
@@ -150,8 +151,12 @@ class RetrievalStage(Stage):
         if last is None or not ctx.messages[last]["content"].strip():
             raise ctx.error("retrieval needs a user message to search for", "messages")
         question = ctx.messages[last]["content"]
+        # The answer check may replace the answer with a source sentence: not where the output has a set shape.
+        check = self.check and ctx.request.constraint is None and not ctx.request.tools
         try:
-            hits = search(name, question, k, root=self.root)
+            with Index(name, root=self.root) as index:
+                hits = search_index(index, question, k)
+                embedder = embedder_for(index) if check else None
         except CollectionNotFoundError as e:
             raise ctx.error(str(e), "retrieval.collection") from None
         hits = fit_to_context(ctx, hits, question)
@@ -160,26 +165,17 @@ class RetrievalStage(Stage):
         sys_at = next((i for i, m in enumerate(ctx.messages) if m["role"] == "system"), None)
         if sys_at is None:
             ctx.messages.insert(0, {"role": "system", "content": SYSTEM})
+            last += 1
         else:   # the caller's (or the model's stored) system prompt stays, the grounding rule follows it
             ctx.messages[sys_at] = dict(ctx.messages[sys_at], content=ctx.messages[sys_at]["content"].rstrip()
                                         + "\n\n" + SYSTEM)
         ctx.extra["retrieval"] = {"collection": name, "k": k, "hits": len(hits)}
         if hits and self.contrast > 0 and not ctx.request.context:
             plain = [dict(m) for m in ctx.messages]
-            at = max(i for i, m in enumerate(plain) if m["role"] == "user")   # moved if a system turn was added
-            plain[at] = dict(plain[at], content=plain_user_message(question))
+            plain[last] = dict(plain[last], content=plain_user_message(question))
             ctx.extra["_retrieval_plain"] = (plain, dict(ctx.format_kwargs))
-        # The answer check may replace the answer with a source sentence: not where the output has a set shape.
-        if hits and self.check and ctx.request.constraint is None and not ctx.request.tools:
-            ctx.extra["_retrieval_check"] = self._answer_check(name, hits, question)
-
-    def _answer_check(self, name: str, hits: list[Hit], question: str):
-        from .index import Index
-        from .search import embedder_for
-        from .verify import build_check
-        with Index(name, root=self.root) as index:
-            embedder = embedder_for(index)
-        return build_check(hits, question, embedder)
+        if hits and check:
+            ctx.extra["_retrieval_check"] = build_check(hits, question, embedder)
 
     def processors(self, plan) -> list:
         held = plan.extra.get("_retrieval_plain")
@@ -282,16 +278,14 @@ class CitationFilter(OutputFilter):
 
     def finish(self, result: Result) -> list[Delta]:
         tail = self._process(self.held, True)
-        if self.check is not None:
-            verdict = self.check.verdict(tail)
+        verdict = self.check.verdict(tail) if self.check is not None else {}
+        if verdict:
             result.extra["grounding"] = {"answer": verdict["answer"]}
-            if verdict["answer"] == "extracted":
-                self.cited = [verdict["n"]]
-                result.citations = [dict(c, cited=c.get("n") in self.cited) for c in result.citations]
-                result.extra["citation_markers"] = "extracted"
-                return [Delta(f'{verdict["sentence"]} [{verdict["n"]}]')]
         how = ("corrected" if self.corrected else "model") if self.cited else "none"
-        if not self.cited:
+        if verdict.get("answer") == "extracted":
+            self.cited, how = [verdict["n"]], "extracted"
+            tail = f'{verdict["sentence"]} [{verdict["n"]}]'
+        elif not self.cited:
             n = attribute("".join(self.text) + tail, self.sources, self.names)
             if n is not None:
                 self.cited.append(n)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .overlap import _MARKER, _REFUSALS, _SENTENCE, _answer_words, overlap_scores
+
 MARGIN = 0.2          # cosine the answer's sentence may trail the closest sentence by
 MIN_WORDS = 3         # shorter fragments (list stubs) are not candidate sentences
 TITLE_WORDS = 8       # ... nor lines this short without a full stop: titles ("The Veltmark Glassworks")
@@ -40,7 +42,6 @@ class AnswerCheck:
 
     def verdict(self, answer: str) -> dict:
         """{"answer": "model" | "extracted", "sentence", "n"}: what to answer with (see module docstring)."""
-        from .overlap import _MARKER, _REFUSALS, _answer_words, overlap_scores
         body = _MARKER.sub(" ", answer)
         keep = {"answer": "model"}
         if not self.sentences or any(r in body.lower() for r in _REFUSALS):
@@ -57,7 +58,6 @@ class AnswerCheck:
 
 def build_check(hits, question: str, embedder, margin: float = MARGIN) -> AnswerCheck | None:
     """The check for these passages, or None when the collection has no embedding model to score with."""
-    from .overlap import _SENTENCE
     if embedder is None or not hits:
         return None
     sents, nums = [], []
@@ -70,7 +70,6 @@ def build_check(hits, question: str, embedder, margin: float = MARGIN) -> Answer
                 nums.append(n)
     if not sents:
         return None
-    vecs = np.asarray(embedder.embed([question] + sents), dtype=np.float32)
-    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    vecs = np.asarray(embedder.embed([question] + sents), dtype=np.float32)   # L2-normalised rows
     cos = (vecs[1:] @ vecs[0]).tolist()
     return AnswerCheck(question, sents, nums, cos, margin)
