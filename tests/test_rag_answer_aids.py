@@ -180,3 +180,9 @@ def test_check_candidates_are_sentences_not_titles():
                                "It is open from 9:00 to 17:00 on weekdays and closed on Sundays"]
     assert check.passages == [1, 1, 2] and len(check.cosines) == 3
     assert build_check(hits, "q", None) is None and build_check([], "q", Embedder()) is None
+
+
+@pytest.mark.parametrize("alpha", [0, -0.5, float("nan")])
+def test_contrast_refuses_a_strength_that_is_not_positive(alpha):
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        ContextContrast(tiny_lm().model, [1, 2], 3, alpha, 4)
